@@ -1,0 +1,384 @@
+"""linear_probe.py: frozen-feature evaluation of an encoder on clean and trigger-patched validation images.
+
+Paper: Saha et al., "Backdoor Attacks on Self-Supervised Learning", CVPR 2022, https://arxiv.org/abs/2105.10123
+(evaluation protocol of CompReSS, https://arxiv.org/abs/2010.14713, which the paper's linear evaluation uses), and the
+downstream classifier of Jia et al., "BadEncoder", IEEE S&P 2022, https://arxiv.org/abs/2108.00352 (`--classifier mlp`).
+
+Consumes an encoder checkpoint of any script of this project (DESIGN.md 3.3), a small labeled train list and the clean
+and patched validation lists of poison.py. Extracts features once (clean: Resize + CenterCrop; patched images are
+already cropped and get no resize), trains the classifier on the cached features, and writes to `--out`:
+metrics.json (Acc, target TP/FP, ASR on clean and patched val), per_class.csv, confusion_{clean,patched}.npy
+(rows = true class, columns = prediction) and classifier.pt (weights + feature normalisation).
+Classifier (default, CompReSS/MoCo recipe): L2-normalise -> standardise each dimension with the labeled-train
+features' mean and variance -> Linear; SGD lr 0.01, momentum 0.9, wd 1e-4, batch 256, 40 epochs, lr x0.1 at 15, 30.
+Deviation: the reference re-extracts RandomResizedCrop + flip features every epoch; that is `--augment` here
+(slower); by default the cached center-crop features are used.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+POOL = {"relu": 12, "layer1": 12, "layer2": 8, "layer3": 6, "layer4": 4}  # reference conv-linear probes (at 224 px)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--encoder", required=True, help="encoder checkpoint (.pt) written by any script of this project")
+    p.add_argument("--train-list", required=True, help="labeled train list, e.g. poison.py's train_labeled_1pct.txt")
+    p.add_argument("--val-list", required=True, help="clean validation list (val_clean.txt)")
+    p.add_argument("--val-patched-list", required=True, help="patched validation list (val_patched.txt)")
+    p.add_argument("--target", default=None, help="target class (index or name); default: from poison.json beside the patched list")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layer", default="final", choices=["final", *POOL], help="feature: pooled final feature (cls token for "
+                   "ViT), or a ResNet tap average-pooled to 12/12/8/6/4 (Jigsaw/RotNet conv-linear protocol)")
+    p.add_argument("--classifier", choices=["linear", "mlp"], default="linear", help="linear (CompReSS) or BadEncoder's MLP "
+                   "(L2-norm -> 512 -> ReLU -> dropout 0.5 -> 256 -> ReLU -> C; Adam 1e-4, 500 epochs, batch 64)")
+    p.add_argument("--epochs", type=int, default=None, help="classifier epochs (default 40 linear, 500 mlp)")
+    p.add_argument("--batch-size", type=int, default=None, help="classifier batch size (default 256 linear, 64 mlp)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.01 SGD linear, 1e-4 Adam mlp)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (linear classifier)")
+    p.add_argument("--milestones", type=int, nargs="*", default=[15, 30], help="epochs where the SGD lr drops x0.1")
+    p.add_argument("--augment", action="store_true", help="re-extract RandomResizedCrop + flip train features every epoch")
+    p.add_argument("--knn", type=int, default=0, help="also report a weighted k-NN classifier with this k (0 = off)")
+    p.add_argument("--knn-temperature", type=float, default=0.07, help="k-NN vote weight exp(similarity / T)")
+    p.add_argument("--extract-batch-size", type=int, default=256, help="batch size of feature extraction")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for extraction on GPU")
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation and batch order")
+    return p.parse_args(argv)
+
+
+# shared: file lists (same in every script)
+class InputError(Exception):
+    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+
+
+def error_line(e):
+    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
+
+
+def read_list(path):
+    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file list")
+    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
+            image, label = os.path.join(folder, parts[0]), int(parts[1])
+            if label < 0:
+                raise InputError(f"{path}:{n}: negative label {label}")
+            if not os.path.isfile(image):
+                raise InputError(f"{path}:{n}: image not found: {image}")
+            samples.append((image, label))
+    if not samples:
+        raise InputError(f"{path}: the list is empty")
+    return samples
+
+
+class FileList(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
+    any number of workers and exactly repeated after --resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{path}: cannot read image ({e})") from None
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(image)
+            random.setstate(state)
+        return x, label, i
+# end shared
+
+
+# shared: encoder builder (same in every script)
+def build_backbone(arch, arch_kwargs):
+    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
+    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    if arch == "vit":
+        model = torchvision.models.VisionTransformer(**arch_kwargs)
+        model.heads = nn.Identity()
+        return model, arch_kwargs["hidden_dim"]
+    kwargs = dict(arch_kwargs)
+    small_stem = kwargs.pop("small_stem", False)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
+    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
+        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+# end shared
+
+
+# shared: checkpoint io (same in every script)
+CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
+        raise InputError(f"{path}: not readable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
+    return checkpoint
+
+
+def load_encoder(path):
+    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
+    try:
+        model.load_state_dict(checkpoint["encoder"], strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return model.requires_grad_(False).eval(), checkpoint
+# end shared
+
+
+def features(model, x, layer):
+    """Pooled final feature, or a ResNet tap average-pooled to a small grid (the reference's conv-linear probes)."""
+    if layer == "final":
+        return model(x)
+    x = model.relu(model.bn1(model.conv1(x)))
+    if layer != "relu":
+        x = model.maxpool(x)
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(model, name)(x)
+            if name == layer:
+                break
+    return F.adaptive_avg_pool2d(x, min(POOL[layer], x.shape[-1])).flatten(1)  # small images: never upsample
+
+
+@torch.no_grad()
+def extract(model, samples, transform, args, device, epoch=0, desc="features"):
+    dataset = FileList(samples, transform, seed=args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.extract_batch_size, num_workers=args.workers,
+                                         sampler=[(epoch, i) for i in range(len(samples))], pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for x, y, _ in tqdm(loader, desc=desc, leave=False):
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+            feats.append(features(model, x, args.layer).float())
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def check_size(samples, size, name):
+    """Patched images are evaluated as they are (no resize): they must already have the encoder's input size."""
+    for path, _ in samples[:: max(1, len(samples) // 64)]:
+        with Image.open(path) as im:
+            if im.size != (size, size):
+                raise InputError(f"{path}: patched image is {im.size[0]}x{im.size[1]}, the encoder expects {size}x{size} "
+                                 f"({name} must come from poison.py with --val-crop {size})")
+
+
+class Head(nn.Module):
+    """L2-normalise -> fixed per-dimension standardisation (CompReSS) -> Linear, or BadEncoder's MLP."""
+
+    def __init__(self, mean, inv_std, num_classes, mlp):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("inv_std", inv_std)
+        d = mean.numel()
+        self.fc = nn.Sequential(nn.Linear(d, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, 256), nn.ReLU(),
+                                nn.Linear(256, num_classes)) if mlp else nn.Linear(d, num_classes)
+
+    def forward(self, f):
+        return self.fc((F.normalize(f, dim=1) - self.mean) * self.inv_std)
+
+
+def confusion(pred, labels, num_classes):
+    """Rows = true class, columns = predicted class."""
+    return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes).cpu().numpy()
+
+
+def metrics(cm_clean, cm_patched, target):
+    """Acc, TP_t = C[t, t], FP_t = column sum - diagonal, ASR = FP_patched / non-target patched images (DESIGN.md 3.4)."""
+    out = {}
+    for name, cm in (("clean", cm_clean), ("patched", cm_patched)):
+        out[f"acc_{name}"] = 100.0 * np.trace(cm) / cm.sum()
+        out[f"tp_{name}"] = int(cm[target, target])
+        out[f"fp_{name}"] = int(cm[:, target].sum() - cm[target, target])
+    out["n_patched"] = int(cm_patched.sum())
+    out["n_patched_nontarget"] = int(cm_patched.sum() - cm_patched[target].sum())
+    out["asr"] = 100.0 * out["fp_patched"] / max(1, out["n_patched_nontarget"])
+    out["asr_all"] = 100.0 * cm_patched[:, target].sum() / max(1, cm_patched.sum())  # BadEncoder: target class included
+    return out
+
+
+def knn_predict(train_f, train_y, val_f, k, t, num_classes):
+    train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
+    sim, idx = (val_f @ train_f.T).topk(min(k, len(train_f)), dim=1)
+    votes = torch.zeros(len(val_f), num_classes, device=val_f.device)
+    votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+    return votes.argmax(1)
+
+
+def class_names(samples, num_classes):
+    """A class's name = the folder its images sit in (the ImageNet layout), when that is unique."""
+    names = {}
+    for path, y in samples:
+        names.setdefault(y, set()).add(os.path.basename(os.path.dirname(path)))
+    return [next(iter(names[c])) if len(names.get(c, ())) == 1 else f"class_{c}" for c in range(num_classes)]
+
+
+def resolve_target(args, names):
+    t = args.target
+    if t is None:
+        meta = os.path.join(os.path.dirname(os.path.abspath(args.val_patched_list)), "poison.json")
+        if not os.path.isfile(meta):
+            raise InputError(f"--target not given and no poison.json beside {args.val_patched_list}")
+        t = str(json.load(open(meta))["target"]["index"])
+    if t in names:
+        return names.index(t)
+    if t.isdigit() and int(t) < len(names):
+        return int(t)
+    raise InputError(f"--target {t}: not a class name nor an index in [0, {len(names) - 1}]")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mlp = args.classifier == "mlp"
+    args.epochs = args.epochs if args.epochs is not None else (500 if mlp else 40)
+    args.batch_size = args.batch_size or (64 if mlp else 256)
+    args.lr = args.lr if args.lr is not None else (1e-4 if mlp else 0.01)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    model, ckpt = load_encoder(args.encoder)
+    if args.layer != "final" and ckpt["arch"] == "vit":
+        raise InputError(f"{args.encoder}: --layer {args.layer} needs a ResNet; ViT checkpoints use the cls token (final)")
+    train, val, patched = read_list(args.train_list), read_list(args.val_list), read_list(args.val_patched_list)
+    num_classes = 1 + max(y for _, y in train + val + patched)
+    missing = sorted(set(range(num_classes)) - {y for _, y in train})
+    if missing:
+        raise InputError(f"{args.train_list}: no labeled images of class(es) {missing[:10]}")
+    names = class_names(val, num_classes)
+    target = resolve_target(args, names)
+    s = ckpt["image_size"]
+    check_size(patched, s, args.val_patched_list)
+    norm = T.Normalize(ckpt["mean"], ckpt["std"])
+    center = T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor(), norm])
+    as_is = T.Compose([T.ToTensor(), norm])
+    model = model.to(device)
+    if ckpt["arch"] != "vit" and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    os.makedirs(args.out, exist_ok=True)
+
+    t0 = time.time()
+    train_f, train_y = extract(model, train, center, args, device, desc="train features")
+    val_f, val_y = extract(model, val, center, args, device, desc="val features")
+    pat_f, pat_y = extract(model, patched, as_is, args, device, desc="patched features")
+    t_extract = time.time() - t0
+
+    # Standardisation statistics of the L2-normalised center-crop train features (unbiased variance, eps 1e-5).
+    z = F.normalize(train_f, dim=1)
+    var, mean = torch.var_mean(z, dim=0) if len(z) > 1 else (torch.ones_like(z[0]), z[0])
+    if mlp:  # BadEncoder's MLP sees the L2-normalised features only
+        mean, var = torch.zeros_like(mean), torch.ones_like(var) - 1e-5
+    head = Head(mean, 1 / torch.sqrt(var + 1e-5), num_classes, mlp).to(device)
+    if mlp:
+        opt = torch.optim.Adam(head.fc.parameters(), lr=args.lr)
+    else:
+        opt = torch.optim.SGD(head.fc.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones if not mlp else [], 0.1)
+    aug = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    for epoch in tqdm(range(args.epochs), desc="classifier", leave=False):
+        f, y = (extract(model, train, aug, args, device, epoch + 1, desc=f"aug features {epoch}") if args.augment
+                else (train_f, train_y))
+        head.train()
+        for idx in torch.randperm(len(f), generator=g).split(args.batch_size):
+            loss = F.cross_entropy(head(f[idx.to(device)]), y[idx.to(device)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    t_train = time.time() - t0  # with --augment this includes the per-epoch re-extraction
+
+    head.eval()
+    with torch.no_grad():
+        cm_clean = confusion(head(val_f).argmax(1), val_y, num_classes)
+        cm_patched = confusion(head(pat_f).argmax(1), pat_y, num_classes)
+    m = metrics(cm_clean, cm_patched, target)
+    result = {"encoder": os.path.abspath(args.encoder), "method": ckpt["method"], "arch": ckpt["arch"],
+              "encoder_epoch": ckpt["epoch"], "target": target, "target_name": names[target], "num_classes": num_classes,
+              "n_train": len(train), "n_val": len(val), "layer": args.layer, "classifier": args.classifier, **m,
+              "seconds_extract": t_extract, "seconds_train": t_train, "device": str(device), "args": vars(args)}
+    if args.knn:
+        knn = [confusion(knn_predict(train_f, train_y, f, args.knn, args.knn_temperature, num_classes), y, num_classes)
+               for f, y in ((val_f, val_y), (pat_f, pat_y))]
+        result.update({f"knn_{k}": v for k, v in metrics(*knn, target).items()})
+    np.save(os.path.join(args.out, "confusion_clean.npy"), cm_clean)
+    np.save(os.path.join(args.out, "confusion_patched.npy"), cm_patched)
+    with open(os.path.join(args.out, "per_class.csv"), "w") as f:
+        f.write("class,name,tp_clean,fp_clean,tp_patched,fp_patched\n")
+        for c in range(num_classes):
+            r = metrics(cm_clean, cm_patched, c)
+            f.write(f"{c},{names[c].replace(',', ';')},{r['tp_clean']},{r['fp_clean']},{r['tp_patched']},{r['fp_patched']}\n")
+    torch.save({"head": head.state_dict(), "classifier": args.classifier, "layer": args.layer, "num_classes": num_classes,
+                "class_names": names, "encoder": os.path.abspath(args.encoder)}, os.path.join(args.out, "classifier.pt"))
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"linear_probe.py: {ckpt['method']} {ckpt['arch']} epoch {ckpt['epoch']}, {args.classifier} on {args.layer} "
+          f"features, {len(train)} labeled images, target {target} '{names[target]}'\n"
+          f"  clean val   : Acc {m['acc_clean']:6.2f}  target TP {m['tp_clean']:4d}  FP {m['fp_clean']:4d}\n"
+          f"  patched val : Acc {m['acc_patched']:6.2f}  target TP {m['tp_patched']:4d}  FP {m['fp_patched']:4d}"
+          f"  ASR {m['asr']:.2f}% (all images: {m['asr_all']:.2f}%)\n"
+          f"  features {t_extract:.1f}s, classifier {t_train:.1f}s -> {os.path.join(args.out, 'metrics.json')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"linear_probe.py: error: {error_line(e)}")
