@@ -236,6 +236,34 @@ class Head(nn.Module):
         return self.fc((F.normalize(f, dim=1) - self.mean) * self.inv_std)
 
 
+def train_classifier(train_f, train_y, num_classes, args, reextract=None):
+    """Train the head on cached features (or on features re-extracted each epoch by `reextract(epoch)`)."""
+    mlp = args.classifier == "mlp"
+    z = F.normalize(train_f, dim=1)  # standardisation statistics: L2-normalised center-crop features, unbiased var
+    var, mean = torch.var_mean(z, dim=0) if len(z) > 1 else (torch.ones_like(z[0]), z[0])
+    inv_std = 1 / torch.sqrt(var + 1e-5)
+    if mlp:  # BadEncoder's MLP sees the L2-normalised features only
+        mean, inv_std = torch.zeros_like(mean), torch.ones_like(inv_std)
+    head = Head(mean, inv_std, num_classes, mlp).to(train_f.device)
+    if mlp:
+        opt = torch.optim.Adam(head.fc.parameters(), lr=args.lr)
+    else:
+        opt = torch.optim.SGD(head.fc.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [] if mlp else args.milestones, 0.1)
+    g = torch.Generator().manual_seed(args.seed)
+    head.train()
+    for epoch in tqdm(range(args.epochs), desc="classifier", leave=False):
+        f, y = reextract(epoch) if reextract else (train_f, train_y)
+        for idx in torch.randperm(len(f), generator=g).split(args.batch_size):
+            idx = idx.to(f.device)
+            loss = F.cross_entropy(head(f[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return head.eval()
+
+
 def confusion(pred, labels, num_classes):
     """Rows = true class, columns = predicted class."""
     return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes).cpu().numpy()
@@ -319,33 +347,13 @@ def main(argv=None):
     pat_f, pat_y = extract(model, patched, as_is, args, device, desc="patched features")
     t_extract = time.time() - t0
 
-    # Standardisation statistics of the L2-normalised center-crop train features (unbiased variance, eps 1e-5).
-    z = F.normalize(train_f, dim=1)
-    var, mean = torch.var_mean(z, dim=0) if len(z) > 1 else (torch.ones_like(z[0]), z[0])
-    if mlp:  # BadEncoder's MLP sees the L2-normalised features only
-        mean, var = torch.zeros_like(mean), torch.ones_like(var) - 1e-5
-    head = Head(mean, 1 / torch.sqrt(var + 1e-5), num_classes, mlp).to(device)
-    if mlp:
-        opt = torch.optim.Adam(head.fc.parameters(), lr=args.lr)
-    else:
-        opt = torch.optim.SGD(head.fc.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, args.milestones if not mlp else [], 0.1)
-    aug = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
-    for epoch in tqdm(range(args.epochs), desc="classifier", leave=False):
-        f, y = (extract(model, train, aug, args, device, epoch + 1, desc=f"aug features {epoch}") if args.augment
-                else (train_f, train_y))
-        head.train()
-        for idx in torch.randperm(len(f), generator=g).split(args.batch_size):
-            loss = F.cross_entropy(head(f[idx.to(device)]), y[idx.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
+    aug = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    reextract = (lambda epoch: extract(model, train, aug, args, device, epoch + 1, desc=f"aug features {epoch}")) \
+        if args.augment else None
+    head = train_classifier(train_f, train_y, num_classes, args, reextract)
     t_train = time.time() - t0  # with --augment this includes the per-epoch re-extraction
 
-    head.eval()
     with torch.no_grad():
         cm_clean = confusion(head(val_f).argmax(1), val_y, num_classes)
         cm_patched = confusion(head(pat_f).argmax(1), pat_y, num_classes)
