@@ -68,6 +68,7 @@ def fail(msg):
 # Demo data: textures that fill the image, so class evidence survives random crops; random colours, phases, scales
 # and orientation jitter, so that neither colour nor position gives the class away (DESIGN.md section 5).
 DEMO_PERIOD = tuple(float(v) for v in os.environ.get("DEMO_PERIOD", "12,20").split(","))  # pattern period (px at 64 px)
+DEMO_TINT = float(os.environ.get("DEMO_TINT", "0.3"))  # strength of the random colour tint
 DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_diagonal", "stripes_horizontal",
                 "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N
 
@@ -112,10 +113,12 @@ def demo_image(cls, size, rng):
     else:
         raise ValueError(cls)
     val = (val + 1) / 2  # [0, 1]
-    while True:  # two random colours with enough contrast
-        c0, c1 = rng.uniform(0, 255, (2, 3))
-        if np.abs(c0 - c1).sum() > 150:
-            break
+    # Two tones of random contrast with a weak random tint: colour is an instance cue, not a class cue, and a weak
+    # one, so that SSL has to learn the texture (with saturated random colours it learns colour and stays at chance).
+    lo, hi = rng.uniform(20, 110), rng.uniform(145, 235)
+    tint = 1 + rng.uniform(0, DEMO_TINT) * rng.uniform(-1, 1, 3)
+    c0, c1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
+    c0, c1 = c0 * tint, c1 * tint
     img = c0 + (c1 - c0) * val[..., None] + rng.normal(0, 8, (size, size, 3))
     return np.clip(img, 0, 255).round().astype(np.uint8)
 

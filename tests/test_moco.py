@@ -1,0 +1,146 @@
+"""moco.py: InfoNCE, queue, momentum update, shuffle BN, smoke/torchrun/resume runs, bad input."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moco
+from conftest import ROOT, error_of, run
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--dim", "16"]
+
+
+def test_info_nce_hand_value():
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[0.6, 0.8]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    # logits = [q.k, q.queue_0, q.queue_1] / tau = [0.6, 0, -1] / 0.5; the positive is class 0
+    expected = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(0.0) + math.exp(-2.0)))
+    assert moco.info_nce(q, k, queue, 0.5).item() == pytest.approx(expected, abs=1e-6)
+    assert moco.info_nce(q, q, -q, 0.1).item() < 1e-8  # a perfect positive against a perfect negative
+
+
+def tiny_model(K=8, m=0.9, bn_splits=2):
+    torch.manual_seed(0)
+    return moco.MoCo("resnet18", {"small_stem": False}, dim=4, K=K, m=m, tau=0.2, bn_splits=bn_splits)
+
+
+def test_queue_pointer_wraps_and_keys_land_in_their_slots():
+    model = tiny_model(K=8)
+    batches = [torch.full((4, 4), float(i)) for i in range(3)]
+    for b in batches:
+        model.enqueue(b)
+    assert model.queue_ptr.item() == 4  # 3 x 4 keys in a queue of 8: 12 mod 8
+    assert torch.equal(model.queue[:4], batches[2]) and torch.equal(model.queue[4:], batches[1])
+
+
+def test_momentum_update_is_exact():
+    model = tiny_model(m=0.9)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+        model.encoder_q[0].bn1.running_mean.fill_(5.0)
+    before_k = [p.clone() for p in model.encoder_k.parameters()]
+    q = [p.clone() for p in model.encoder_q.parameters()]
+    model.momentum_update()
+    for pk, k0, pq in zip(model.encoder_k.parameters(), before_k, q):
+        assert torch.allclose(pk, k0 * 0.9 + pq * (1 - 0.9), rtol=0, atol=1e-6)  # up to float rounding
+    assert torch.equal(model.encoder_k[0].bn1.running_mean, torch.zeros(64))  # parameters only, not BN statistics
+
+
+def test_shuffled_keys_come_back_in_order():
+    model = tiny_model(bn_splits=2).eval()  # BN on running statistics: chunking must not change anything
+    x = torch.randn(6, 3, 16, 16)
+    k = model.keys(x)
+    direct = F.normalize(model.encoder_k(x), dim=1)
+    assert torch.allclose(k, direct, atol=1e-5)
+    model.train()  # train mode: each chunk has its own BN statistics, so the keys do depend on the shuffle
+    torch.manual_seed(1)
+    a = model.keys(x)
+    torch.manual_seed(2)
+    b = model.keys(x)
+    assert not torch.allclose(a, b)
+
+
+def test_forward_enqueues_after_the_loss():
+    model = tiny_model(K=8)
+    queue0 = model.queue.clone()
+    x = torch.randn(4, 3, 16, 16)
+    loss = model(x, x.flip(3))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.queue_ptr.item() == 4
+    assert torch.equal(model.queue[4:], queue0[4:]) and not torch.equal(model.queue[:4], queue0[:4])
+
+
+def train(demo, out, *extra, check=True):
+    return run("moco.py", "--train-list", demo / "train_poisoned.txt", "--out", out, *TINY, *extra, check=check)
+
+
+def test_smoke_run_checkpoint_is_accepted_by_linear_probe(demo, tmp_path):
+    train(demo, tmp_path / "m", "--epochs", "1")
+    ckpt = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
+    assert ckpt["method"] == "moco" and ckpt["feature_dim"] == 512 and ckpt["image_size"] == 16
+    assert set(ckpt["encoder"]) == set(moco.build_backbone("resnet18", {})[0].state_dict())
+    json.dumps(ckpt["args"])
+    log = [json.loads(line) for line in open(tmp_path / "m" / "log.jsonl")]
+    assert log[-1]["epoch"] == 1 and log[-1]["images_per_s"] > 0 and "emulated" in log[0]["shuffle_bn"]
+    run("linear_probe.py", "--encoder", tmp_path / "m" / "checkpoint.pt", "--train-list", demo / "train_labeled_50pct.txt",
+        "--val-list", demo / "val_clean.txt", "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
+        "--epochs", "1", "--workers", "0")
+    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "moco"
+
+
+def test_resume_continues_exactly(demo, tmp_path):
+    train(demo, tmp_path / "a", "--epochs", "2")
+    train(demo, tmp_path / "b", "--epochs", "1")
+    train(demo, tmp_path / "b", "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["train_state"]["model"].items():
+        assert torch.equal(value, b["train_state"]["model"][key]), key  # weights, key encoder, queue and pointer
+    for key, value in a["train_state"]["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], b["train_state"]["optimizer"]["state"][key]["momentum_buffer"])
+
+
+def test_same_seed_same_weights_other_seed_differs(demo, tmp_path):
+    train(demo, tmp_path / "a", "--epochs", "1", "--workers", "2")  # worker count must not matter
+    train(demo, tmp_path / "b", "--epochs", "1")
+    train(demo, tmp_path / "c", "--epochs", "1", "--seed", "1")
+    a, b, c = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["encoder"] for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_torchrun_two_processes(demo, tmp_path):
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "moco.py"), "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d",
+           *TINY, "--queue-size", "32", "--epochs", "1"]
+    import subprocess
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
+    ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    state = ckpt["train_state"]["model"]
+    steps = 48 // 8  # 48 images, global batch 8 (4 per process)
+    assert state["queue_ptr"].item() == steps * 8 % 32 == 16  # every step enqueues the keys of both processes
+    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    assert log[0]["world_size"] == 2 and "across 2 processes" in log[0]["shuffle_bn"] and log[0]["steps_per_epoch"] == steps
+
+
+def test_bad_inputs(demo, tmp_path):
+    lst = tmp_path / "missing.txt"
+    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
+    line = error_of(run("moco.py", "--train-list", lst, "--out", tmp_path / "m", *TINY, check=False))
+    assert "missing.txt:" in line and "image not found" in line
+    line = error_of(train(demo, tmp_path / "m", "--queue-size", "20", check=False))
+    assert "--queue-size 20 must be divisible by the global batch size 8" in line
+    bad = tmp_path / "bad.pt"
+    torch.save({"method": "moco"}, bad)
+    assert "not an encoder checkpoint" in error_of(train(demo, tmp_path / "m", "--resume", bad, check=False))
