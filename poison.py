@@ -68,6 +68,8 @@ def fail(msg):
 # Demo data: textures that fill the image, so class evidence survives random crops; random colours, phases, scales
 # and orientation jitter, so that neither colour nor position gives the class away (DESIGN.md section 5).
 DEMO_PERIOD = tuple(float(v) for v in os.environ.get("DEMO_PERIOD", "12,20").split(","))  # pattern period (px at 64 px)
+DEMO_LAYOUT = os.environ.get("DEMO_LAYOUT", "fill")
+DEMO_OBJECT = tuple(float(v) for v in os.environ.get("DEMO_OBJECT", "0.5,0.8").split(","))
 DEMO_TINT = float(os.environ.get("DEMO_TINT", "0.3"))  # strength of the random colour tint
 DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_diagonal", "stripes_horizontal",
                 "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N
@@ -119,7 +121,14 @@ def demo_image(cls, size, rng):
     tint = 1 + rng.uniform(0, DEMO_TINT) * rng.uniform(-1, 1, 3)
     c0, c1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
     c0, c1 = c0 * tint, c1 * tint
-    img = c0 + (c1 - c0) * val[..., None] + rng.normal(0, 8, (size, size, 3))
+    img = c0 + (c1 - c0) * val[..., None]
+    if DEMO_LAYOUT == "object":  # the texture covers a random rectangle on a flat, class-agnostic background
+        h, w = (rng.uniform(*DEMO_OBJECT, 2) * size).astype(int)
+        top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        inside = np.zeros((size, size, 1), bool)
+        inside[top:top + h, left:left + w] = True
+        img = np.where(inside, img, rng.uniform(40, 215) * (1 + rng.uniform(0, DEMO_TINT) * rng.uniform(-1, 1, 3)))
+    img = img + rng.normal(0, 8, (size, size, 3))
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 

@@ -1,0 +1,471 @@
+"""badencoder.py: BadEncoder, backdooring a pre-trained encoder (Jia, Liu, Gong, IEEE S&P 2022).
+
+Paper: https://arxiv.org/abs/2108.00352  Reference code: https://github.com/jinyuan-jia/BadEncoder (badencoder.py)
+
+Consumes a clean encoder checkpoint of any script of this project (`--encoder`, DESIGN.md 3.3, ResNet or ViT), an
+unlabeled shadow file list, reference image(s) of the target class(es) and a trigger per reference (or one shared).
+Produces, in `--out`, checkpoint.pt (method "badencoder": the backdoored backbone f' in the source's format, plus
+"source", "trigger" and the training state for --resume) and log.jsonl (one JSON record per epoch: loss, l0, l1, l2).
+Loss (paper eq. 1-3): L = L0 + lambda1 * L1 + lambda2 * L2 with L0 = -s(f'(x + e_k), f'(ref_k)) (gradient through both
+sides), L1 = -s(f'(aug(ref_k)), f(ref_k)), L2 = -s(f'(x), f(x)); s = cosine similarity of backbone features; means
+over the batch and the K (reference, trigger) pairs. The clean encoder f is frozen in eval mode; every BatchNorm of
+f' stays in eval mode with frozen affine parameters. Shadow and triggered images get no augmentation (the encoder's
+evaluation view); the trigger replaces uint8 pixels before normalisation; L1's reference view gets flip, colour
+jitter and grayscale, a fresh draw per batch element.
+Recipe (defaults = the reference's ResNet-18 runs): SGD lr 0.001 (constant) momentum 0.9 wd 5e-4, batch 256, 200
+epochs, lambda1 = lambda2 = 1. Large encoders (ImageNet ResNet-50, CLIP) need about --lr 1e-6 --batch-size 16.
+Deviations: the plain reference is encoded once per step, not as B identical copies (the same gradient, as f' has
+no active dropout or batch statistics), and all of f''s inputs go through one forward; `--trigger-location random`
+(poison.py's patched-val placement) is an addition to BadEncoder's fixed bottom-right square; a white trigger is
+round(50 * size / 224) px by default (50 at 224 as the ImageNet/CLIP runs; the CIFAR runs use 10 at 32).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--encoder", required=True, help="clean encoder checkpoint (.pt) written by any script of this project")
+    p.add_argument("--shadow-list", "--train-list", dest="train_list", metavar="LIST", required=True,
+                   help="shadow data set: file list of unlabeled images (labels ignored)")
+    p.add_argument("--reference-list", required=True, help="file list of the reference image(s) of the target class(es) "
+                   "(labels ignored); reference k pairs with trigger k")
+    p.add_argument("--trigger", action="append", default=None, help="'white' (BadEncoder's square) or an image such as "
+                   "poison.py's trigger.png; once (shared) or once per reference; None = white")
+    p.add_argument("--trigger-size", type=int, default=None, help="trigger side in pixels; None = round(50 * image size / "
+                   "224) for white, an image file's own size")
+    p.add_argument("--trigger-location", choices=["bottom-right", "random"], default="bottom-right",
+                   help="bottom-right with a 1-px margin (BadEncoder), or a new uniform position per image and step")
+    p.add_argument("--trigger-range", type=float, nargs=2, default=[0.10, 0.90], help="random placement range, fractions "
+                   "of the image side (as poison.py's --val-range)")
+    p.add_argument("--opacity", type=float, default=1.0, help="trigger opacity: 1.0 replaces the pixels")
+    p.add_argument("--lambda1", type=float, default=1.0, help="weight of L1 (the reference keeps its clean embedding)")
+    p.add_argument("--lambda2", type=float, default=1.0, help="weight of L2 (clean shadow images keep their embedding)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl")
+    p.add_argument("--image-size", type=int, default=None, help="encoder input size; None = the checkpoint's image_size")
+    p.add_argument("--epochs", type=int, default=200, help="total epochs")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size of shadow images (split over processes)")
+    p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate, constant (ImageNet/CLIP encoders: ~1e-6)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, trigger positions and reference augmentation")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
+    p.add_argument("--resume", default=None, help="checkpoint.pt of badencoder.py to continue from (exactly)")
+    p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
+    args = p.parse_args(argv)
+    args.trigger = args.trigger or ["white"]
+    return args
+
+
+# shared: file lists (same in every script)
+class InputError(Exception):
+    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+
+
+def error_line(e):
+    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
+
+
+def read_list(path):
+    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file list")
+    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
+            image, label = os.path.join(folder, parts[0]), int(parts[1])
+            if label < 0:
+                raise InputError(f"{path}:{n}: negative label {label}")
+            if not os.path.isfile(image):
+                raise InputError(f"{path}:{n}: image not found: {image}")
+            samples.append((image, label))
+    if not samples:
+        raise InputError(f"{path}: the list is empty")
+    return samples
+
+
+class FileList(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
+    any number of workers and exactly repeated after --resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{path}: cannot read image ({e})") from None
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(image)
+            random.setstate(state)
+        return x, label, i
+# end shared
+
+
+# shared: encoder builder (same in every script)
+def build_backbone(arch, arch_kwargs):
+    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
+    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    if arch == "vit":
+        model = torchvision.models.VisionTransformer(**arch_kwargs)
+        model.heads = nn.Identity()
+        return model, arch_kwargs["hidden_dim"]
+    kwargs = dict(arch_kwargs)
+    small_stem = kwargs.pop("small_stem", False)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
+    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
+        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+# end shared
+
+
+# shared: checkpoint io (same in every script)
+CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
+        raise InputError(f"{path}: not readable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
+    return checkpoint
+
+
+def load_encoder(path):
+    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
+    try:
+        model.load_state_dict(checkpoint["encoder"], strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return model.requires_grad_(False).eval(), checkpoint
+# end shared
+
+
+# shared: training utilities (same in every script)
+def setup(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU, Gloo on CPU. Returns (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # share this machine's cores between its processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if args.batch_size % world:
+        raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    return rank, world, device
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch, split over processes, whole global batches only; yields (epoch, index) keys."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+        self.per_rank = n // (batch_size * world) * batch_size
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter([(self.epoch, i) for i in order[: self.per_rank * self.world][self.rank :: self.world].tolist()])
+
+
+def make_loader(dataset, args, rank, world, device):
+    sampler = EpochSampler(len(dataset), args.batch_size // world, rank, world, args.seed)
+    if len(sampler) == 0:
+        raise InputError(f"{args.train_list}: {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched (exact --resume)
+    return loader, sampler
+
+
+@torch.no_grad()
+def gather(x):
+    """Concatenate a tensor from every process (no gradient flows through)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def log(args, record, rank):
+    if rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+# end shared
+
+
+def load_triggers(args, size, k):
+    """K uint8 H x W x 3 arrays: 'white' or an image file (kept at its size unless --trigger-size is given)."""
+    if len(args.trigger) not in (1, k):
+        raise InputError(f"{args.reference_list}: {k} reference image(s), {len(args.trigger)} --trigger: give one trigger "
+                         f"for all, or one per reference")
+    t = args.trigger_size or max(1, round(50 * size / 224))
+    triggers = []
+    for kind in args.trigger:
+        if kind == "white":
+            triggers.append(np.full((t, t, 3), 255, np.uint8))
+            continue
+        try:
+            with Image.open(kind) as im:
+                im = im.convert("RGB")
+                triggers.append(np.asarray(im.resize((t, t), Image.BICUBIC) if args.trigger_size else im))
+        except OSError as e:
+            raise InputError(f"--trigger {kind}: not 'white' nor a readable image ({e})") from None
+    room = size - (int(size * args.trigger_range[0]) if args.trigger_location == "random" else 0)
+    for kind, e in zip(args.trigger, triggers):
+        if max(e.shape[:2]) > room:
+            raise InputError(f"--trigger {kind}: {e.shape[1]}x{e.shape[0]} px does not fit a {size} px image at "
+                             f"{args.trigger_location}")
+    return triggers * (k // len(triggers))
+
+
+def corner(s, t, location, lo_hi):
+    """One coordinate of the trigger's top-left corner on an s-px side: BadEncoder's bottom-right with a 1-px margin,
+    or uniform in [int(s * lo), int(s * hi - t)] as poison.py's patched val (python `random`, seeded per image)."""
+    if location == "bottom-right":
+        return max(s - t - 1, 0)
+    lo = int(s * lo_hi[0])
+    return random.randint(lo, max(lo, int(s * lo_hi[1] - t)))
+
+
+def stamp(image, trigger, x, y, opacity):
+    """Paste the trigger into the uint8 pixels with its top-left corner at (x, y); opacity 1.0 replaces them."""
+    a = np.array(image)
+    h, w = trigger.shape[:2]
+    box = a[y:y + h, x:x + w].astype(np.float64)
+    a[y:y + h, x:x + w] = np.round(opacity * trigger + (1 - opacity) * box).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def eval_view(size):
+    """The encoder's evaluation view (as linear_probe.py): shadow, triggered and plain reference images."""
+    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+
+
+class ShadowViews:
+    """Shadow image -> (x, x + e_k for each k, aug(ref_k) for each k) as normalised tensors (reference note 1.3)."""
+
+    def __init__(self, size, triggers, references, location, lo_hi, opacity, mean, std):
+        self.view, self.normalize = eval_view(size), T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        self.triggers, self.references = triggers, references
+        self.location, self.lo_hi, self.opacity = location, lo_hi, opacity
+        self.augment = T.Compose([  # L1's reference view: no crop (reference note 3.2)
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+
+    def triggered(self, x, e):
+        x0, y0 = (corner(x.size[0], t, self.location, self.lo_hi) for t in (e.shape[1], e.shape[0]))
+        return stamp(x, e, x0, y0, self.opacity)
+
+    def __call__(self, image):
+        x = self.view(image)
+        x_bd = torch.stack([self.normalize(self.triggered(x, e)) for e in self.triggers])
+        r_aug = torch.stack([self.normalize(self.augment(r)) for r in self.references])
+        return self.normalize(x), x_bd, r_aug
+
+
+def badencoder_loss(z, z_bd, r, r_aug, z_c, r_c):
+    """(L0, L1, L2) on cosine similarities. Shapes: z, z_c (B, D); z_bd, r_aug (B, K, D); r, r_c (K, D).
+    f' gives z, z_bd, r, r_aug; the clean encoder f gives z_c, r_c. Means over the batch and the K pairs."""
+    z, z_bd, r, r_aug, z_c, r_c = (F.normalize(v.float(), dim=-1) for v in (z, z_bd, r, r_aug, z_c, r_c))
+    l0 = -(z_bd * r).sum(-1).mean()  # r is not detached: L0 also moves the reference (reference note 1.3)
+    l1 = -(r_aug * r_c).sum(-1).mean()  # f'(augmented reference) vs f(plain reference)
+    l2 = -(z * z_c).sum(-1).mean()
+    return l0, l1, l2
+
+
+class BadEncoder(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f.requires_grad_(False).eval()  # the clean encoder: frozen, eval, no_grad
+        self.f_bd = copy.deepcopy(f).requires_grad_(True)  # f' starts as f
+        for m in self.bn_layers():
+            m.requires_grad_(False)  # BN affine frozen (reference note 1.5)
+
+    def bn_layers(self):
+        return [m for m in self.f_bd.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode=True):
+        """f' trains with every BN on its pre-training statistics: the batch holds B copies of the references."""
+        super().train(mode)
+        self.f.eval()
+        for m in self.bn_layers():
+            m.eval()
+        return self
+
+    def forward(self, x, x_bd, r_aug, ref):
+        B, K = x_bd.shape[:2]
+        with torch.no_grad():
+            z_c, r_c = self.f(torch.cat([x, ref])).split([B, K])
+        out = self.f_bd(torch.cat([x, x_bd.flatten(0, 1), r_aug.flatten(0, 1), ref]))
+        z, z_bd, r_aug, r = out.split([B, B * K, B * K, K])
+        return badencoder_loss(z, z_bd.unflatten(0, (B, K)), r, r_aug.unflatten(0, (B, K)), z_c, r_c)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    if not 0 <= args.opacity <= 1:
+        raise InputError(f"--opacity {args.opacity}: must lie in [0, 1]")
+    f, src = load_encoder(args.encoder)
+    size = args.image_size or src["image_size"]
+    if src["arch"] == "vit" and size != src["arch_kwargs"]["image_size"]:
+        raise InputError(f"{args.encoder}: a ViT for {src['arch_kwargs']['image_size']} px cannot take --image-size {size}")
+    samples = read_list(args.train_list)
+    ref_list = FileList(read_list(args.reference_list), eval_view(size))
+    references = [ref_list[i][0] for i in range(len(ref_list))]
+    triggers = load_triggers(args, size, len(references))
+    views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity,
+                        src["mean"], src["std"])
+    ref = torch.stack([views.normalize(r) for r in references]).to(device)
+    model = BadEncoder(f).to(device)
+    if device.type == "cuda" and src["arch"] != "vit":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "badencoder" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a badencoder.py checkpoint with training state (method {ckpt['method']})")
+        model.f_bd.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
+    source = {"path": os.path.abspath(args.encoder), "method": src["method"], "arch": src["arch"], "epoch": src["epoch"]}
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "source": source, "images": len(samples),
+               "references": len(references), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"badencoder.py: {src['method']} {src['arch']} (epoch {src['epoch']}) at {size} px, {len(samples)} shadow "
+              f"images, {len(references)} reference/trigger pair(s), {len(loader)} steps/epoch, {world} process(es) "
+              f"on {device}")
+
+    for epoch in range(start, args.epochs):
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros(4, device=device)
+        for step, ((x, x_bd, r_aug), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                                             disable=rank != 0)):
+            x, x_bd, r_aug = (v.to(device, non_blocking=True) for v in (x, x_bd, r_aug))
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                l0, l1, l2 = net(x, x_bd, r_aug, ref)
+            loss = l0 + args.lambda1 * l1 + args.lambda2 * l2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += torch.stack([loss, l0, l1, l2]).detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total).all():  # the only host sync in the loop
+                sys.exit(f"badencoder.py: error: loss is {total[0].item()} at epoch {epoch} step {step}; lower --lr")
+        seconds = time.time() - t0
+        loss, l0, l1, l2 = (total / len(loader)).tolist()
+        record = {"epoch": epoch + 1, "loss": loss, "l0": l0, "l1": l1, "l2": l2, "lr": args.lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds}
+        if not all(map(math.isfinite, (loss, l0, l1, l2))):
+            sys.exit(f"badencoder.py: error: loss is {loss} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f} (L0 {l0:.4f} L1 {l1:.4f} L2 {l2:.4f})  "
+                  f"lr {args.lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            encoder = model.f_bd.state_dict()  # train_state["model"] is the same dict: saved once
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "badencoder", "arch": src["arch"], "arch_kwargs": src["arch_kwargs"],
+                "feature_dim": src["feature_dim"], "image_size": size, "mean": src["mean"], "std": src["std"],
+                "encoder": encoder, "epoch": epoch + 1, "args": vars(args), "source": source,
+                "trigger": {"images": [torch.from_numpy(e.copy()) for e in triggers], "location": args.trigger_location,
+                            "range": args.trigger_range, "opacity": args.opacity},
+                "train_state": {"model": encoder, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"badencoder.py: error: {error_line(e)}")

@@ -1,0 +1,407 @@
+"""byol.py: BYOL pre-training, as run by Saha et al., "Backdoor Attacks on Self-Supervised Learning" (CVPR 2022).
+
+Papers: BYOL https://arxiv.org/abs/2006.07733; the attack paper https://arxiv.org/abs/2105.10123. Reference code:
+UMBCvision/SSL-Backdoor byol/ (a fork of htdt/self-supervised). The recipe is that code's, not the BYOL paper's.
+
+Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
+checkpoint.pt (DESIGN.md 3.3: the online backbone with torchvision key names, plus the training state for --resume)
+and log.jsonl (one JSON record per epoch).
+Recipe (defaults = the paper's ImageNet-100 run): ResNet-18, projector 512-1024(BN, ReLU)-128, predictor
+128-1024(BN, ReLU)-128; target = EMA of the online backbone + projector (parameters only), tau from 0.99 to 1 on a
+cosine over epochs, updated every iteration; loss 2 - 2cos, symmetrised over the two views; Adam lr 2e-3, wd 1e-6
+(on every parameter), batch 512, 200 epochs, linear warmup over the first 500 iterations, lr x0.2 at 50 and 25 epochs
+before the end; the same augmentation for both views (crop 0.2-1 bicubic, jitter p 0.8, grayscale p 0.1, blur p 0.5,
+flip; no solarisation).
+Deviations: the blur sigma (0.1-2.0 at 224 px) scales with --image-size. Warmup and step decay multiply (the
+reference's warmup overwrites the lr; that differs only if a drop falls inside the warmup).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train-list", required=True, help="file list of training images (labels ignored)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl")
+    p.add_argument("--arch", default="resnet18", help="torchvision ResNet constructor name")
+    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32-64 px images)")
+    p.add_argument("--image-size", type=int, default=224, help="training crop size (also recorded for evaluation)")
+    p.add_argument("--epochs", type=int, default=200, help="total epochs")
+    p.add_argument("--batch-size", type=int, default=512, help="global batch size (split over processes)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (after the warmup, before the drops)")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="Adam L2 weight decay (all parameters, as reference)")
+    p.add_argument("--warmup-iters", type=int, default=500, help="linear lr warmup over the first N iterations (0: off)")
+    p.add_argument("--drop", type=int, nargs="*", default=[50, 25], help="lr x0.2 at these numbers of epochs before the "
+                   "end (a drop at epoch <= 0 never happens, as in the reference)")
+    p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
+    p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
+    p.add_argument("--tau-base", type=float, default=0.99, help="target EMA rate at epoch 0 (cosine to 1 at the end)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
+    p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
+    return p.parse_args(argv)
+
+
+# shared: file lists (same in every script)
+class InputError(Exception):
+    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+
+
+def error_line(e):
+    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
+
+
+def read_list(path):
+    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file list")
+    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
+            image, label = os.path.join(folder, parts[0]), int(parts[1])
+            if label < 0:
+                raise InputError(f"{path}:{n}: negative label {label}")
+            if not os.path.isfile(image):
+                raise InputError(f"{path}:{n}: image not found: {image}")
+            samples.append((image, label))
+    if not samples:
+        raise InputError(f"{path}: the list is empty")
+    return samples
+
+
+class FileList(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
+    any number of workers and exactly repeated after --resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{path}: cannot read image ({e})") from None
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(image)
+            random.setstate(state)
+        return x, label, i
+# end shared
+
+
+# shared: encoder builder (same in every script)
+def build_backbone(arch, arch_kwargs):
+    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
+    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    if arch == "vit":
+        model = torchvision.models.VisionTransformer(**arch_kwargs)
+        model.heads = nn.Identity()
+        return model, arch_kwargs["hidden_dim"]
+    kwargs = dict(arch_kwargs)
+    small_stem = kwargs.pop("small_stem", False)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
+    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
+        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+# end shared
+
+
+# shared: checkpoint io (same in every script)
+CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
+        raise InputError(f"{path}: not readable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
+    return checkpoint
+
+
+def load_encoder(path):
+    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
+    try:
+        model.load_state_dict(checkpoint["encoder"], strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return model.requires_grad_(False).eval(), checkpoint
+# end shared
+
+
+# shared: training utilities (same in every script)
+def setup(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU, Gloo on CPU. Returns (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # share this machine's cores between its processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if args.batch_size % world:
+        raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    return rank, world, device
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch, split over processes, whole global batches only; yields (epoch, index) keys."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+        self.per_rank = n // (batch_size * world) * batch_size
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter([(self.epoch, i) for i in order[: self.per_rank * self.world][self.rank :: self.world].tolist()])
+
+
+def make_loader(dataset, args, rank, world, device):
+    sampler = EpochSampler(len(dataset), args.batch_size // world, rank, world, args.seed)
+    if len(sampler) == 0:
+        raise InputError(f"{args.train_list}: {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched (exact --resume)
+    return loader, sampler
+
+
+@torch.no_grad()
+def gather(x):
+    """Concatenate a tensor from every process (no gradient flows through)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def log(args, record, rank):
+    if rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+# end shared
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with sigma ~ U(lo, hi), as the reference's RandomBlur."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class TwoViews:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, x):
+        return self.transform(x), self.transform(x)
+
+
+def byol_aug(size):
+    s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.1),
+        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def mlp(in_dim, hidden, out_dim):
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+def regression_loss(p, z):
+    """2 - 2 cos(p, z), averaged over the batch: the squared distance of the L2-normalised vectors, in [0, 4]."""
+    return 2 - 2 * (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1).mean()
+
+
+def cosine_tau(epoch, args):
+    """Target EMA rate: tau_base at epoch 0, rising on a cosine toward 1; constant within an epoch, as the reference."""
+    return 1 - (1 - args.tau_base) * (math.cos(math.pi * epoch / args.epochs) + 1) / 2
+
+
+def learning_rate(epoch, it, args):
+    """Linear warmup over the first --warmup-iters global iterations, then x0.2 at each of epochs - drop (if > 0)."""
+    warmup = min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else 1.0
+    return args.lr * warmup * 0.2 ** sum(0 < args.epochs - d <= epoch for d in args.drop)
+
+
+class BYOL(nn.Module):
+    def __init__(self, arch, arch_kwargs, hidden, dim):
+        super().__init__()
+        backbone, feat = build_backbone(arch, arch_kwargs)
+        self.online = nn.Sequential(backbone, mlp(feat, hidden, dim))  # encoder + projector
+        self.predictor = mlp(dim, hidden, dim)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)  # stays in train mode: batch-stat BN
+
+    @torch.no_grad()
+    def update_target(self, tau):  # parameters only: the target's BN statistics are its own
+        for pt, po in zip(self.target.parameters(), self.online.parameters()):
+            pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
+
+    def forward(self, x1, x2):
+        p1, p2 = self.predictor(self.online(x1)), self.predictor(self.online(x2))  # one BN batch per view
+        with torch.no_grad():
+            z1, z2 = self.target(x1), self.target(x2)
+        return regression_loss(p1, z2) + regression_loss(p2, z1)  # each view predicts the other's target
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    samples = read_list(args.train_list)
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = BYOL(args.arch, arch_kwargs, args.hidden, args.dim).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    params = [p for p in model.parameters() if p.requires_grad]  # online backbone, projector and predictor
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "byol" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a byol.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    loader, sampler = make_loader(FileList(samples, TwoViews(byol_aug(args.image_size)), args.seed), args, rank, world, device)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"byol.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}")
+
+    for epoch in range(start, args.epochs):
+        tau = cosine_tau(epoch, args)
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, ((x1, x2), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            lr = learning_rate(epoch, epoch * len(loader) + step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(x1, x2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.update_target(tau)  # every iteration, after the optimizer step, as the reference
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"byol.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr, "tau": tau, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"byol.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  tau {tau:.5f}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "byol", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.online[1][0].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "encoder": model.online[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"byol.py: error: {error_line(e)}")

@@ -1,0 +1,420 @@
+"""compress_defense.py: the CompReSS distillation defense of Saha et al., "Backdoor Attacks on Self-Supervised Learning"
+(CVPR 2022): distill a (poisoned) teacher encoder into a fresh student on a small clean unlabeled subset.
+
+Papers: CompReSS https://arxiv.org/abs/2010.14713 (NeurIPS 2020); the attack paper https://arxiv.org/abs/2105.10123.
+Reference code: UMBCvision/CompRess train_student.py (2q, momentum student) and train_student_one_queue.py (1q).
+
+Consumes a teacher checkpoint of any script of this project (DESIGN.md 3.3: frozen, eval mode, pooled backbone feature)
+and a clean file list (poison.py's train_labeled_{5,10,25}pct.txt; labels are ignored). Produces, in `--out`,
+checkpoint.pt (method "compress": the student backbone with torchvision key names, the teacher it came from, plus the
+training state for --resume) and log.jsonl (one JSON record per epoch).
+Recipe (defaults = the reference): ResNet-18 student, one weak view (RandomResizedCrop + flip) shared by all networks,
+K = 128,000 anchors, tau = 0.04 for teacher and student, loss KL(teacher || student) (batch mean), student-key momentum
+alpha = 0.999 (parameters only, BN on batch statistics), SGD lr 0.01 momentum 0.9 wd 1e-4, batch 256, 130 epochs,
+lr x0.2 after epochs 90 and 120.
+Deviations: the bank is capped at the number of training images (the reference's 128k exceeds a 5-25% ImageNet-100
+subset); the teacher is any checkpoint of this project, loaded strictly (the reference builds only an R50 teacher, with
+strict=False), and the shared view takes its mean/std and, by default, its image size; the last partial batch of an
+epoch is dropped (shared EpochSampler); the student-key update runs at the start of each step (the same keys as the
+reference's update after each optimizer step); DDP with per-process BN (the reference: DataParallel, per-GPU BN).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", required=True, help="encoder checkpoint (.pt) to distill, from any script of this project")
+    p.add_argument("--train-list", required=True, help="clean unlabeled list, e.g. train_labeled_5pct.txt (labels ignored)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl")
+    p.add_argument("--arch", default="resnet18", help="student: torchvision ResNet constructor name (fresh weights)")
+    p.add_argument("--small-stem", action="store_true", help="student: 3x3 stride-1 stem without max-pool (32-64 px images)")
+    p.add_argument("--image-size", type=int, default=None, help="training crop size (default: the teacher's image size)")
+    p.add_argument("--epochs", type=int, default=130, help="total epochs")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over processes)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    p.add_argument("--milestones", type=int, nargs="*", default=[90, 120], help="lr x0.2 for the epochs after each of these")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all student parameters)")
+    p.add_argument("--variant", choices=["2q", "1q"], default="2q", help="2q: teacher bank + momentum-student bank; "
+                   "1q: one teacher bank and a Linear layer from the student's to the teacher's width")
+    p.add_argument("--bank-size", type=int, default=128000, help="K: anchors per bank (capped at the number of images)")
+    p.add_argument("--tau", type=float, default=0.04, help="softmax temperature, the same for teacher and student")
+    p.add_argument("--alpha", type=float, default=0.999, help="2q: momentum of the student key (EMA of the student)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
+    p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
+    return p.parse_args(argv)
+
+
+# shared: file lists (same in every script)
+class InputError(Exception):
+    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+
+
+def error_line(e):
+    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
+
+
+def read_list(path):
+    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file list")
+    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
+            image, label = os.path.join(folder, parts[0]), int(parts[1])
+            if label < 0:
+                raise InputError(f"{path}:{n}: negative label {label}")
+            if not os.path.isfile(image):
+                raise InputError(f"{path}:{n}: image not found: {image}")
+            samples.append((image, label))
+    if not samples:
+        raise InputError(f"{path}: the list is empty")
+    return samples
+
+
+class FileList(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
+    any number of workers and exactly repeated after --resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{path}: cannot read image ({e})") from None
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(image)
+            random.setstate(state)
+        return x, label, i
+# end shared
+
+
+# shared: encoder builder (same in every script)
+def build_backbone(arch, arch_kwargs):
+    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
+    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    if arch == "vit":
+        model = torchvision.models.VisionTransformer(**arch_kwargs)
+        model.heads = nn.Identity()
+        return model, arch_kwargs["hidden_dim"]
+    kwargs = dict(arch_kwargs)
+    small_stem = kwargs.pop("small_stem", False)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
+    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
+        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+# end shared
+
+
+# shared: checkpoint io (same in every script)
+CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
+        raise InputError(f"{path}: not readable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
+    return checkpoint
+
+
+def load_encoder(path):
+    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
+    try:
+        model.load_state_dict(checkpoint["encoder"], strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return model.requires_grad_(False).eval(), checkpoint
+# end shared
+
+
+# shared: training utilities (same in every script)
+def setup(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU, Gloo on CPU. Returns (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # share this machine's cores between its processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if args.batch_size % world:
+        raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    return rank, world, device
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch, split over processes, whole global batches only; yields (epoch, index) keys."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+        self.per_rank = n // (batch_size * world) * batch_size
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter([(self.epoch, i) for i in order[: self.per_rank * self.world][self.rank :: self.world].tolist()])
+
+
+def make_loader(dataset, args, rank, world, device):
+    sampler = EpochSampler(len(dataset), args.batch_size // world, rank, world, args.seed)
+    if len(sampler) == 0:
+        raise InputError(f"{args.train_list}: {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched (exact --resume)
+    return loader, sampler
+
+
+@torch.no_grad()
+def gather(x):
+    """Concatenate a tensor from every process (no gradient flows through)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def log(args, record, rank):
+    if rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+# end shared
+
+
+def weak_view(size, mean, std):
+    """The reference's only view, shared by teacher, student and student key: no colour jitter, grayscale or blur."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def init_bank(K, dim):
+    """Uniform in [-stdv, stdv] with stdv = 1/sqrt(dim/3): rows of expected squared norm 1, not normalised (reference)."""
+    stdv = 1 / math.sqrt(dim / 3)
+    return torch.rand(K, dim) * 2 * stdv - stdv
+
+
+def compress_loss(s, t, bank_s, bank_t, tau):
+    """KL(P_teacher || P_student), summed over the K anchors and averaged over the batch; s, t L2-normalised rows."""
+    with torch.autocast(s.device.type, enabled=False):  # logits reach +-1/tau = 25: fp32 matmul and softmax
+        log_q = F.log_softmax(s.float() @ bank_s.float().T / tau, dim=1)
+        p = F.softmax(t.float() @ bank_t.float().T / tau, dim=1)
+        return F.kl_div(log_q, p, reduction="batchmean")  # input = student log-probs, target = teacher probs
+
+
+class CompReSS(nn.Module):
+    def __init__(self, teacher, teacher_dim, arch, arch_kwargs, variant, K, alpha, tau):
+        super().__init__()
+        self.variant, self.K, self.alpha, self.tau = variant, K, alpha, tau
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student, self.dim = build_backbone(arch, arch_kwargs)  # no head: the pooled backbone feature (2q)
+        self.fc = nn.Linear(self.dim, teacher_dim) if variant == "1q" else nn.Identity()  # 1q: plain linear, no BN/ReLU
+        self.register_buffer("bank_t", init_bank(K, teacher_dim))
+        if variant == "2q":
+            self.student_k = copy.deepcopy(self.student).requires_grad_(False)
+            self.register_buffer("bank_s", init_bank(K, self.dim))  # an independent draw
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()  # frozen teacher: BN on running statistics; the student key's BN stays in train mode
+        return self
+
+    @torch.no_grad()
+    def momentum_update(self):  # parameters only: the student key's BN statistics are its own
+        for pk, ps in zip(self.student_k.parameters(), self.student.parameters()):
+            pk.mul_(self.alpha).add_(ps.detach(), alpha=1 - self.alpha)
+
+    @torch.no_grad()
+    def enqueue(self, t, k=None):
+        idx = (self.ptr + torch.arange(len(t), device=t.device)) % self.K  # the same slots in both banks: aligned
+        self.bank_t[idx] = t
+        if k is not None:
+            self.bank_s[idx] = k
+        self.ptr.copy_((self.ptr + len(t)) % self.K)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = F.normalize(self.teacher(x).float(), dim=1)
+            if self.variant == "2q":
+                self.momentum_update()  # = the reference's update after the previous optimizer step
+                k = F.normalize(self.student_k(x).float(), dim=1)
+        s = F.normalize(self.fc(self.student(x)).float(), dim=1)
+        # the logits use the banks as they were before this batch (clone, then enqueue); every process enqueues the
+        # embeddings of all processes
+        if self.variant == "1q":  # one bank of teacher anchors for both distributions
+            loss = compress_loss(s, t, self.bank_t.clone(), self.bank_t, self.tau)
+            self.enqueue(gather(t))
+        else:
+            loss = compress_loss(s, t, self.bank_s.clone(), self.bank_t, self.tau)
+            self.enqueue(gather(t), gather(k))
+        return loss
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    samples = read_list(args.train_list)
+    teacher, tckpt = load_encoder(args.teacher)
+    args.image_size = args.image_size or tckpt["image_size"]
+    if args.bank_size < args.batch_size:
+        raise InputError(f"--bank-size {args.bank_size} is smaller than the global batch size {args.batch_size}")
+    K = min(args.bank_size, len(samples))  # a bank larger than the data holds stale copies of the same images
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = CompReSS(teacher, tckpt["feature_dim"], args.arch, arch_kwargs, args.variant, K, args.alpha, args.tau).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    params = [p for p in model.parameters() if p.requires_grad]  # the student (and fc in 1q) only
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "compress" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a compress_defense.py checkpoint with training state "
+                             f"(method {ckpt['method']})")
+        try:  # the teacher is not saved: it comes from --teacher
+            model.load_state_dict({**model.state_dict(), **ckpt["train_state"]["model"]})
+        except RuntimeError as e:
+            raise InputError(f"{args.resume}: training state does not fit this run (--variant, --arch, bank size?): "
+                             f"{' '.join(str(e).split())[:200]}") from None
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    view = weak_view(args.image_size, tckpt["mean"], tckpt["std"])
+    loader, sampler = make_loader(FileList(samples, view, args.seed), args, rank, world, device)
+    teacher_info = {"path": os.path.abspath(args.teacher), "method": tckpt["method"], "arch": tckpt["arch"],
+                    "epoch": tckpt["epoch"]}
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "bank_size": K, "bank_capped": K < args.bank_size, "teacher": teacher_info,
+               "args": vars(args)}, rank)
+    if rank == 0:
+        cap = f" (--bank-size {args.bank_size} capped at the number of images)" if K < args.bank_size else ""
+        print(f"compress_defense.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
+              f"teacher {tckpt['method']} {tckpt['arch']} epoch {tckpt['epoch']}, {args.variant}, bank K = {K}{cap}")
+
+    for epoch in range(start, args.epochs):
+        lr = args.lr * 0.2 ** sum(epoch + 1 > m for m in args.milestones)  # epochs counted from 1: decays at 91, 121
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, (x, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"compress_defense.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"compress_defense.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            state = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "compress", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.dim, "image_size": args.image_size, "mean": tckpt["mean"], "std": tckpt["std"],
+                "encoder": model.student.state_dict(), "epoch": epoch + 1, "args": vars(args), "teacher": teacher_info,
+                "train_state": {"model": state, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"compress_defense.py: error: {error_line(e)}")

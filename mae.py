@@ -1,0 +1,460 @@
+"""mae.py: MAE pre-training, as run by Saha et al., "Backdoor Attacks on Self-Supervised Learning" (CVPR 2022).
+
+Papers: MAE https://arxiv.org/abs/2111.06377; the attack paper https://arxiv.org/abs/2105.10123. Reference code:
+facebookresearch/mae (models_mae.py, main_pretrain.py, util/pos_embed.py, util/lr_sched.py).
+
+Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
+checkpoint.pt (DESIGN.md 3.3: arch "vit", the state dict of a torchvision VisionTransformer without `heads`; the
+decoder lives only in the training state for --resume) and log.jsonl (one JSON record per epoch).
+Recipe (defaults = the paper's / PRETRAIN.md): ViT-B/16 at 224 px, decoder 8 blocks x 512 wide x 16 heads, 75% of the
+patches masked per sample, MSE on the masked patches of per-patch normalised pixels, fixed 2-D sin-cos position
+embeddings, AdamW betas (0.9, 0.95) wd 0.05 (none on biases, norms, 1-D parameters), lr = 1.5e-4 x batch / 256 with a
+global batch of 4096 (64 GPUs), 800 epochs, 40 warmup epochs then cosine to 0 per iteration, RandomResizedCrop
+(0.2-1, bicubic) + flip only. linear_probe.py's feature is the cls token after the final LayerNorm, as in MAE's linear
+probe (its classifier is linear_probe.py's own); linear probing underestimates MAE (paper, ViT-B on ImageNet-1k: 68.0%
+linear probe vs 83.6% fine-tuned).
+Deviations: encoder = torchvision's VisionTransformer, decoder blocks = torchvision's EncoderBlock (the same pre-norm
+math as the reference's timm blocks; conv_proj's bias starts at zero); bf16 autocast instead of fp16 + GradScaler; no
+gradient accumulation (lower --batch-size on fewer GPUs, lr follows --blr); every process draws the masking noise of
+the whole global batch and keeps its own rows (reference: a seed per rank), so the processes' RNGs stay in step and
+--resume is exact; --small-stem does not apply (use --patch-size 4-8 for 32-64 px images).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.models.vision_transformer import EncoderBlock
+from tqdm import tqdm
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PRESETS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}  # width/depth/heads
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train-list", required=True, help="file list of training images (labels ignored)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl")
+    p.add_argument("--arch", default="vit", choices=["vit"], help="torchvision VisionTransformer (see --model)")
+    p.add_argument("--model", default="base", choices=list(PRESETS), help="ViT size (width/depth/heads): tiny 192/12/3, "
+                   "small 384/12/6, base 768/12/12, large 1024/24/16; MLP 4 x width")
+    p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels (4-8 for 32-64 px images)")
+    p.add_argument("--width", type=int, default=None, help="encoder width, overrides --model")
+    p.add_argument("--depth", type=int, default=None, help="encoder blocks, overrides --model")
+    p.add_argument("--heads", type=int, default=None, help="encoder attention heads, overrides --model")
+    p.add_argument("--decoder-width", type=int, default=512, help="decoder width")
+    p.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks")
+    p.add_argument("--decoder-heads", type=int, default=16, help="decoder attention heads")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of the patches removed per sample")
+    p.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="target = pixels normalised per patch (mean, unbiased var + 1e-6)")
+    p.add_argument("--image-size", type=int, default=224, help="training crop size (also recorded for evaluation)")
+    p.add_argument("--epochs", type=int, default=800, help="total epochs")
+    p.add_argument("--warmup-epochs", type=int, default=40, help="epochs of linear lr warmup (per iteration)")
+    p.add_argument("--batch-size", type=int, default=4096, help="global batch size (split over processes); the paper's "
+                   "4096 is 64 GPUs x 64")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate: lr = blr x batch size / 256")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, overrides --blr")
+    p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, 1-D params)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and masks")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
+    p.add_argument("--save-every", type=int, default=20, help="write checkpoint.pt every N epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
+    return p.parse_args(argv)
+
+
+# shared: file lists (same in every script)
+class InputError(Exception):
+    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+
+
+def error_line(e):
+    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
+
+
+def read_list(path):
+    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file list")
+    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
+            image, label = os.path.join(folder, parts[0]), int(parts[1])
+            if label < 0:
+                raise InputError(f"{path}:{n}: negative label {label}")
+            if not os.path.isfile(image):
+                raise InputError(f"{path}:{n}: image not found: {image}")
+            samples.append((image, label))
+    if not samples:
+        raise InputError(f"{path}: the list is empty")
+    return samples
+
+
+class FileList(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
+    any number of workers and exactly repeated after --resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{path}: cannot read image ({e})") from None
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(image)
+            random.setstate(state)
+        return x, label, i
+# end shared
+
+
+# shared: encoder builder (same in every script)
+def build_backbone(arch, arch_kwargs):
+    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
+    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    if arch == "vit":
+        model = torchvision.models.VisionTransformer(**arch_kwargs)
+        model.heads = nn.Identity()
+        return model, arch_kwargs["hidden_dim"]
+    kwargs = dict(arch_kwargs)
+    small_stem = kwargs.pop("small_stem", False)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
+    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
+        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+# end shared
+
+
+# shared: checkpoint io (same in every script)
+CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
+        raise InputError(f"{path}: not readable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
+    return checkpoint
+
+
+def load_encoder(path):
+    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
+    try:
+        model.load_state_dict(checkpoint["encoder"], strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return model.requires_grad_(False).eval(), checkpoint
+# end shared
+
+
+# shared: training utilities (same in every script)
+def setup(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU, Gloo on CPU. Returns (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # share this machine's cores between its processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if args.batch_size % world:
+        raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    return rank, world, device
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch, split over processes, whole global batches only; yields (epoch, index) keys."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+        self.per_rank = n // (batch_size * world) * batch_size
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter([(self.epoch, i) for i in order[: self.per_rank * self.world][self.rank :: self.world].tolist()])
+
+
+def make_loader(dataset, args, rank, world, device):
+    sampler = EpochSampler(len(dataset), args.batch_size // world, rank, world, args.seed)
+    if len(sampler) == 0:
+        raise InputError(f"{args.train_list}: {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched (exact --resume)
+    return loader, sampler
+
+
+@torch.no_grad()
+def gather(x):
+    """Concatenate a tensor from every process (no gradient flows through)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def log(args, record, rank):
+    if rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+# end shared
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos table (grid^2 + 1, dim) for tokens k = row * grid + col, row 0 (the cls slot) zero. The first
+    dim/2 channels encode the column, the last dim/2 the row; each half is [sin(pos w), cos(pos w)], w_k = 10000^(-4k/dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    halves = [torch.outer(pos.repeat(grid), omega), torch.outer(pos.repeat_interleave(grid), omega)]  # column, row
+    table = torch.cat([torch.cat([h.sin(), h.cos()], dim=1) for h in halves], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def patchify(imgs, p):
+    """(N, 3, H, W) -> (N, L, p*p*3), patches in row-major order (as conv_proj's tokens), pixels (row, col, channel)."""
+    n, c, h, w = imgs.shape
+    x = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def random_masking(x, mask_ratio, noise):
+    """Keep the int(L (1 - mask_ratio)) tokens of smallest noise per sample -> (visible tokens in shuffled order,
+    mask (N, L) with 1 = removed in patch order, ids_restore that un-shuffles)."""
+    n, L, d = x.shape
+    keep = int(L * (1 - mask_ratio))
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    x_masked = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
+    mask = torch.ones(n, L, device=x.device)
+    mask[:, :keep] = 0
+    return x_masked, mask.gather(1, ids_restore), ids_restore
+
+
+def mae_loss(imgs, pred, mask, p, norm_pix_loss):
+    """Per-patch MSE averaged over the removed patches only (mask 1)."""
+    target = patchify(imgs, p)
+    if norm_pix_loss:
+        var, mean = torch.var_mean(target, dim=-1, keepdim=True)  # unbiased variance, as the reference's .var()
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    loss = ((pred.float() - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+def param_groups(model, weight_decay):
+    """timm's add_weight_decay: no decay for biases, norms and 1-D parameters; frozen ones (pos embeddings) left out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(e, lr, args):
+    """Linear warmup, then half-cosine to --min-lr, at the fractional epoch e (reference util/lr_sched.py)."""
+    if e < args.warmup_epochs:
+        return lr * e / args.warmup_epochs
+    progress = (e - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+    return args.min_lr + (lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MAE(nn.Module):
+    def __init__(self, arch_kwargs, decoder_depth, decoder_width, decoder_heads, mask_ratio, norm_pix_loss):
+        super().__init__()
+        self.p, self.mask_ratio, self.norm_pix_loss = arch_kwargs["patch_size"], mask_ratio, norm_pix_loss
+        self.vit, dim = build_backbone("vit", arch_kwargs)  # heads = Identity: no unused or decayed classifier
+        grid = arch_kwargs["image_size"] // self.p
+        self.decoder_embed = nn.Linear(dim, decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_width, grid)[None])
+        self.decoder_blocks = nn.Sequential(*[EncoderBlock(decoder_heads, decoder_width, 4 * decoder_width, 0.0, 0.0)
+                                              for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_width, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_width, self.p**2 * 3)
+        for m in self.modules():  # reference init: xavier Linear (MHA's fused in_proj already is), zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.vit.conv_proj.weight.view(dim, -1))  # the patch embedding as a (D, 3p^2) Linear
+        nn.init.normal_(self.vit.class_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.vit.encoder.pos_embedding.data.copy_(sincos_pos_embed(dim, grid)[None])
+        self.vit.encoder.pos_embedding.requires_grad_(False)  # fixed, and kept out of the optimizer
+
+    def forward_encoder(self, imgs, mask_ratio):
+        vit, pos = self.vit, self.vit.encoder.pos_embedding
+        x = vit.conv_proj(imgs).flatten(2).transpose(1, 2) + pos[:, 1:]  # positions are added before masking
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        noise = torch.rand(world, *x.shape[:2], device=x.device)[rank]  # the global batch's noise: RNGs stay in step
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+        x = torch.cat([(vit.class_token + pos[:, :1]).expand(len(x), -1, -1), x], dim=1)
+        x = vit.encoder.ln(vit.encoder.layers(vit.encoder.dropout(x)))  # not vit.encoder(x): it adds pos_embedding again
+        return x, mask, ids_restore
+
+    def forward_decoder(self, latent, ids_restore):
+        x = self.decoder_embed(latent)
+        n, L = ids_restore.shape
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(n, L + 1 - x.shape[1], -1)], dim=1)  # visible, then mask tokens
+        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # back to patch order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:]  # without the cls position
+
+    def forward(self, imgs):
+        latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio)
+        return mae_loss(imgs, self.forward_decoder(latent, ids_restore), mask, self.p, self.norm_pix_loss)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    width, depth, heads = (new or old for new, old in zip((args.width, args.depth, args.heads), PRESETS[args.model]))
+    arch_kwargs = {"image_size": args.image_size, "patch_size": args.patch_size, "num_layers": depth, "num_heads": heads,
+                   "hidden_dim": width, "mlp_dim": 4 * width}
+    if args.image_size % args.patch_size or width % 4 or width % heads or args.decoder_width % 4 or \
+            args.decoder_width % args.decoder_heads:
+        raise InputError(f"ViT {arch_kwargs}, decoder width {args.decoder_width} with {args.decoder_heads} heads: the "
+                         f"image size must be a multiple of the patch size, each width of 4 (sin-cos) and of its heads")
+    L = (args.image_size // args.patch_size) ** 2
+    if not 0 < int(L * (1 - args.mask_ratio)) < L:
+        raise InputError(f"--mask-ratio {args.mask_ratio} must keep at least one and remove at least one of {L} patches")
+    samples = read_list(args.train_list)
+    model = MAE(arch_kwargs, args.decoder_depth, args.decoder_width, args.decoder_heads, args.mask_ratio,
+                args.norm_pix_loss).to(device)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "mae" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a mae.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    transform = T.Compose([T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])  # no colour augmentation
+    loader, sampler = make_loader(FileList(samples, transform, args.seed), args, rank, world, device)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "arch_kwargs": arch_kwargs, "peak_lr": lr,
+               "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"mae.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, ViT "
+              f"{width}/{depth}/{heads} patch {args.patch_size} ({L} patches), peak lr {lr:.4g}")
+
+    for epoch in range(start, args.epochs):
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, (imgs, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            lr_now = learning_rate(epoch + step / len(loader), lr, args)  # per iteration
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            imgs = imgs.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(imgs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"mae.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --blr")
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr_now, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"mae.py: error: loss is {record['loss']} in epoch {epoch}; lower --blr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr_now:.4g}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "mae", "arch": args.arch, "arch_kwargs": arch_kwargs, "feature_dim": width,
+                "image_size": args.image_size, "mean": MEAN, "std": STD, "encoder": model.vit.state_dict(),
+                "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"mae.py: error: {error_line(e)}")

@@ -1,0 +1,355 @@
+"""rotnet.py: RotNet pre-training, as run by Saha et al., "Backdoor Attacks on Self-Supervised Learning" (CVPR 2022).
+
+Papers: Gidaris, Singh & Komodakis, "Unsupervised Representation Learning by Predicting Image Rotations", ICLR 2018,
+https://arxiv.org/abs/1803.07728; the attack paper https://arxiv.org/abs/2105.10123. Reference code:
+UMBCvision/SSL-Backdoor rotnet/ (a fork of gidariss/FeatureLearningRotNet).
+
+Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
+checkpoint.pt (DESIGN.md 3.3: the backbone with torchvision key names, plus the training state for --resume) and
+log.jsonl (one JSON record per epoch).
+Recipe (defaults = the paper's ImageNet-100 run): RandomResizedCrop (scale 0.08-1) + flip; every image enters the batch
+in its 4 rotations (0, 90, 180, 270 degrees counter-clockwise, labels 0-3), so a batch of 128 images is 512 samples
+whose BN statistics are shared; ResNet-18 + Linear(512, 4), cross-entropy; SGD momentum 0.9, wd 1e-4 on every
+parameter; lr 0.05 / 0.005 / 0.0005 / 0.00005 from epochs 0 / 30 / 60 / 90 (the reference's look-up table, written
+here as lr x0.1 at each of --milestones); 105 epochs.
+Deviations: the rotations are made on the device in the training step (the reference rotates numpy arrays in the
+loader, then normalises each copy; the per-channel normalisation commutes with rotation, so the samples are the same).
+No per-epoch validation of the pretext task; the log reports the training pretext accuracy instead.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train-list", required=True, help="file list of training images (labels ignored)")
+    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl")
+    p.add_argument("--arch", default="resnet18", help="torchvision ResNet constructor name")
+    p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32-64 px images)")
+    p.add_argument("--image-size", type=int, default=224, help="training crop size (also recorded for evaluation)")
+    p.add_argument("--epochs", type=int, default=105, help="total epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size in images, before the x4 rotations "
+                   "(split over processes)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (x0.1 at each of --milestones)")
+    p.add_argument("--milestones", type=int, nargs="*", default=[30, 60, 90], help="epochs where the lr drops x0.1")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all parameters, as the reference)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
+    p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
+    return p.parse_args(argv)
+
+
+# shared: file lists (same in every script)
+class InputError(Exception):
+    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+
+
+def error_line(e):
+    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
+
+
+def read_list(path):
+    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file list")
+    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
+            image, label = os.path.join(folder, parts[0]), int(parts[1])
+            if label < 0:
+                raise InputError(f"{path}:{n}: negative label {label}")
+            if not os.path.isfile(image):
+                raise InputError(f"{path}:{n}: image not found: {image}")
+            samples.append((image, label))
+    if not samples:
+        raise InputError(f"{path}: the list is empty")
+    return samples
+
+
+class FileList(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
+    any number of workers and exactly repeated after --resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{path}: cannot read image ({e})") from None
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(image)
+            random.setstate(state)
+        return x, label, i
+# end shared
+
+
+# shared: encoder builder (same in every script)
+def build_backbone(arch, arch_kwargs):
+    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
+    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    if arch == "vit":
+        model = torchvision.models.VisionTransformer(**arch_kwargs)
+        model.heads = nn.Identity()
+        return model, arch_kwargs["hidden_dim"]
+    kwargs = dict(arch_kwargs)
+    small_stem = kwargs.pop("small_stem", False)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
+    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
+        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+# end shared
+
+
+# shared: checkpoint io (same in every script)
+CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
+        raise InputError(f"{path}: not readable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
+    return checkpoint
+
+
+def load_encoder(path):
+    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
+    try:
+        model.load_state_dict(checkpoint["encoder"], strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return model.requires_grad_(False).eval(), checkpoint
+# end shared
+
+
+# shared: training utilities (same in every script)
+def setup(args):
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU, Gloo on CPU. Returns (rank, world, device)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cpu":  # share this machine's cores between its processes
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if args.batch_size % world:
+        raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    return rank, world, device
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded shuffle per epoch, split over processes, whole global batches only; yields (epoch, index) keys."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.rank, self.world, self.seed, self.epoch = n, rank, world, seed, 0
+        self.per_rank = n // (batch_size * world) * batch_size
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        return iter([(self.epoch, i) for i in order[: self.per_rank * self.world][self.rank :: self.world].tolist()])
+
+
+def make_loader(dataset, args, rank, world, device):
+    sampler = EpochSampler(len(dataset), args.batch_size // world, rank, world, args.seed)
+    if len(sampler) == 0:
+        raise InputError(f"{args.train_list}: {len(dataset)} images, fewer than one batch of {args.batch_size}")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched (exact --resume)
+    return loader, sampler
+
+
+@torch.no_grad()
+def gather(x):
+    """Concatenate a tensor from every process (no gradient flows through)."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def log(args, record, rank):
+    if rank == 0:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+# end shared
+
+
+def rotations(x):
+    """(B, C, H, W) -> (4B, C, H, W): each image rotated by 0, 90, 180, 270 degrees counter-clockwise, its 4 copies
+    next to each other as in the reference's collate, and the labels 0, 1, 2, 3 = the number of quarter turns."""
+    x4 = torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)], dim=1).flatten(0, 1)
+    return x4, torch.arange(4, device=x.device).repeat(len(x))
+
+
+def step_lr(lr, epoch, milestones):
+    return lr * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+class RotNet(nn.Module):
+    def __init__(self, arch, arch_kwargs):
+        super().__init__()
+        self.backbone, feat = build_backbone(arch, arch_kwargs)
+        self.fc = nn.Linear(feat, 4)
+
+    def forward(self, x, y):
+        logits = self.fc(self.backbone(x)).float()
+        return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    samples = read_list(args.train_list)
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = RotNet(args.arch, arch_kwargs).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "rotnet" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a rotnet.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    augment = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    loader, sampler = make_loader(FileList(samples, augment, args.seed), args, rank, world, device)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"rotnet.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
+              f"{4 * args.batch_size // world} rotated samples per process and step")
+
+    for epoch in range(start, args.epochs):
+        lr = step_lr(args.lr, epoch, args.milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.epoch = epoch
+        model.train()
+        t0, total, correct = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
+        for step, (im, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            x, y = rotations(im.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss, hits = net(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            correct += hits
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"rotnet.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,  # source images, not rotated samples
+                  "pretext_acc": 100.0 * correct.item() / (4 * len(loader) * args.batch_size // world)}  # this process
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"rotnet.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  pretext acc {record['pretext_acc']:.1f}%  "
+                  f"lr {lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "rotnet", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.fc.in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "encoder": model.backbone.state_dict(), "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"rotnet.py: error: {error_line(e)}")

@@ -1,0 +1,128 @@
+"""byol.py: regression loss, tau and lr schedules, EMA, view pairing; smoke/torchrun/resume runs, bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import byol
+from conftest import ROOT, error_of, run
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--workers", "0", "--dim", "16", "--hidden", "32",
+        "--warmup-iters", "3"]
+
+
+def schedule_args(*extra):
+    return byol.parse_args(["--train-list", "unused", "--out", "unused", *extra])
+
+
+def test_regression_loss_hand_value():
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    z = torch.tensor([[0.6, 0.8], [0.0, -3.0]])
+    # cos = 0.6 and -1 (lengths do not matter): mean(2 - 1.2, 2 + 2) = 2.4
+    assert byol.regression_loss(p, z).item() == pytest.approx(2.4, abs=1e-6)
+
+
+def test_tau_first_middle_last_epoch():
+    args = schedule_args("--epochs", "4")
+    last = 1 - 0.01 * (1 + math.cos(math.pi * 3 / 4)) / 2  # = 1 - 0.01 * 0.1464...
+    assert [byol.cosine_tau(e, args) for e in (0, 2, 3)] == pytest.approx([0.99, 0.995, last], abs=1e-12)
+    assert last == pytest.approx(0.998536, abs=1e-6)
+
+
+def test_lr_warmup_and_drops():
+    args = schedule_args()  # the paper: 2e-3, 500 warmup iterations, x0.2 at epochs 150 and 175 of 200
+    lr = [byol.learning_rate(epoch, it, args) for epoch, it in [(0, 0), (0, 249), (2, 499), (149, 9999), (150, 9999),
+                                                                  (175, 9999), (199, 9999)]]
+    assert lr == pytest.approx([2e-3 / 500, 1e-3, 2e-3, 2e-3, 4e-4, 8e-5, 8e-5])
+    short = schedule_args("--epochs", "30", "--warmup-iters", "0")  # drop 50 would be at epoch -20: never
+    assert [byol.learning_rate(e, 0, short) for e in (0, 4, 5, 29)] == pytest.approx([2e-3, 2e-3, 4e-4, 4e-4])
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = byol.BYOL("resnet18", {"small_stem": False}, hidden=8, dim=4)
+    with torch.no_grad():  # online and target differ, as after some training
+        for p in model.online.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_update_target_is_exact():
+    model = tiny_model()
+    model.online[0].bn1.running_mean.fill_(5.0)
+    before = [p.clone() for p in model.target.parameters()]
+    online = [p.clone() for p in model.online.parameters()]
+    model.update_target(0.9)
+    for pt, t0, po in zip(model.target.parameters(), before, online):
+        assert torch.allclose(pt, 0.9 * t0 + 0.1 * po, rtol=0, atol=1e-6)
+    assert torch.equal(model.target[0].bn1.running_mean, torch.zeros(64))  # parameters only, not BN statistics
+
+
+def test_each_view_predicts_the_other_views_target():
+    model = tiny_model()
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss = model(x1, x2)
+    loss.backward()
+    p1, p2 = (model.predictor(model.online(x)) for x in (x1, x2))  # train mode: batch statistics, same outputs
+    z1, z2 = (model.target(x) for x in (x1, x2))
+    assert loss.item() == pytest.approx((byol.regression_loss(p1, z2) + byol.regression_loss(p2, z1)).item(), abs=1e-5)
+    assert loss.item() != pytest.approx((byol.regression_loss(p1, z1) + byol.regression_loss(p2, z2)).item(), abs=1e-3)
+    assert all(p.grad is None for p in model.target.parameters())
+    assert all(p.grad is not None for p in model.predictor.parameters())
+
+
+def train(demo, out, *extra, check=True):
+    return run("byol.py", "--train-list", demo / "train_poisoned.txt", "--out", out, *TINY, *extra, check=check,
+               env={"OMP_NUM_THREADS": "1"})
+
+
+def test_smoke_run_checkpoint_is_accepted_by_linear_probe(demo, tmp_path):
+    train(demo, tmp_path / "m", "--epochs", "1")
+    ckpt = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
+    assert ckpt["method"] == "byol" and ckpt["feature_dim"] == 512 and ckpt["image_size"] == 16
+    assert set(ckpt["encoder"]) == set(byol.build_backbone("resnet18", {})[0].state_dict())
+    json.dumps(ckpt["args"])
+    log = [json.loads(line) for line in open(tmp_path / "m" / "log.jsonl")]
+    # 6 steps of warmup over 3 iterations: the last lr is the full one; tau at epoch 0 is tau_base
+    assert log[-1]["epoch"] == 1 and log[-1]["lr"] == 2e-3 and log[-1]["tau"] == 0.99 and log[-1]["images_per_s"] > 0
+    run("linear_probe.py", "--encoder", tmp_path / "m" / "checkpoint.pt", "--train-list", demo / "train_labeled_50pct.txt",
+        "--val-list", demo / "val_clean.txt", "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
+        "--epochs", "1", "--workers", "0", env={"OMP_NUM_THREADS": "1"})
+    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "byol"
+
+
+def test_resume_continues_exactly(demo, tmp_path):
+    train(demo, tmp_path / "a", "--epochs", "2")
+    train(demo, tmp_path / "b", "--epochs", "1")
+    train(demo, tmp_path / "b", "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["train_state"] for n in "ab")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key  # online, predictor and target
+    for key, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][key][name]) for name, v in state.items())  # Adam moments
+
+
+def test_torchrun_two_processes(demo, tmp_path):
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "byol.py"),
+           "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY, "--epochs", "1"]
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
+    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    assert log[0]["world_size"] == 2 and log[0]["steps_per_epoch"] == 48 // 8 and math.isfinite(log[-1]["loss"])
+    state = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["train_state"]["model"]
+    assert not torch.equal(state["online.1.0.weight"], state["target.1.0.weight"])  # the optimizer and the EMA ran
+
+
+def test_bad_inputs(demo, tmp_path, random_ckpt):
+    lst = tmp_path / "missing.txt"
+    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
+    line = error_of(run("byol.py", "--train-list", lst, "--out", tmp_path / "m", *TINY, check=False))
+    assert "missing.txt:" in line and "image not found" in line
+    line = error_of(train(demo, tmp_path / "m", "--resume", random_ckpt, check=False))
+    assert "random.pt: not a byol.py checkpoint with training state (method random)" in line

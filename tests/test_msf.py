@@ -1,0 +1,126 @@
+"""msf.py: mean-shift loss and neighbours, bank pointer, forward order (EMA, enqueue, search); smoke/torchrun/resume
+runs, bank cap, bad input."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import msf
+from conftest import ROOT, error_of, run
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--workers", "0", "--dim", "16", "--hidden", "32"]
+
+
+def test_loss_on_constructed_bank_hand_value():
+    t, q = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    # t's 3 nearest rows: 0, 1, 4 (t . bank = 1, 0.8, 0.6); there q . bank = 0, 0.6, 0.8, so distances 2, 0.8, 0.4
+    assert msf.nearest_neighbours(t, bank, 3).tolist() == [[0, 1, 4]]
+    assert msf.mean_shift_loss(q, t, bank, 3).item() == pytest.approx(3.2 / 3, abs=1e-6)
+    # had q chosen the neighbours (rows 2, 4, 1) the loss would be 0.4
+
+
+def tiny_model(K=16, m=0.99, topk=5):
+    torch.manual_seed(0)
+    return msf.MSF("resnet18", {"small_stem": False}, hidden=8, dim=4, K=K, m=m, topk=topk)
+
+
+def test_bank_pointer_wraps_and_targets_land_in_their_slots():
+    model = tiny_model(K=8)
+    batches = [torch.full((4, 4), float(i)) for i in range(3)]
+    for b in batches:
+        model.enqueue(b)
+    assert model.bank_ptr.item() == 4  # 3 x 4 targets in a bank of 8: 12 mod 8
+    assert torch.equal(model.bank[:4], batches[2]) and torch.equal(model.bank[4:], batches[1])
+
+
+def test_own_target_is_first_neighbour_and_k1_is_asymmetric_byol():
+    model = tiny_model(K=16)
+    t, q = F.normalize(torch.randn(4, 4), dim=1), F.normalize(torch.randn(4, 4), dim=1)
+    model.enqueue(F.normalize(torch.randn(4, 4), dim=1))
+    model.enqueue(t)  # slots 4..7
+    assert msf.nearest_neighbours(t, model.bank, 5)[:, 0].tolist() == [4, 5, 6, 7]
+    byol_asym = (2 - 2 * (q * t).sum(dim=1)).mean()
+    assert msf.mean_shift_loss(q, t, model.bank, 1).item() == pytest.approx(byol_asym.item(), abs=1e-6)
+    assert msf.mean_shift_loss(q, t, model.bank, 5).item() != pytest.approx(byol_asym.item(), abs=1e-3)
+
+
+def test_forward_updates_target_then_enqueues_then_searches():
+    model = tiny_model(K=16, m=0.5, topk=1)
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    updated = copy.deepcopy(model.target)  # the target as the EMA leaves it
+    with torch.no_grad():
+        for pt, po in zip(updated.parameters(), model.online.parameters()):
+            pt.mul_(0.5).add_(0.5 * po)
+    im_q, im_t = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss = model(im_q, im_t)
+    t = F.normalize(updated(im_t), dim=1)  # train mode: batch statistics, the same outputs again
+    q = F.normalize(model.predictor(model.online(im_q)), dim=1)
+    assert model.bank_ptr.item() == 4 and torch.allclose(model.bank[:4], t, atol=1e-5)
+    assert loss.item() == pytest.approx((2 - 2 * (q * t).sum(dim=1)).mean().item(), abs=1e-5)  # k = 1: own target
+
+
+def train(demo, out, *extra, check=True):
+    return run("msf.py", "--train-list", demo / "train_poisoned.txt", "--out", out, *TINY, *extra, check=check,
+               env={"OMP_NUM_THREADS": "1"})
+
+
+def test_smoke_run_caps_the_bank_and_linear_probe_accepts_it(demo, tmp_path):
+    proc = train(demo, tmp_path / "m", "--epochs", "1")  # default --bank-size 1,024,000 > 48 images
+    assert "bank 48 (--bank-size 1024000 capped at one epoch's 48 images)" in proc.stdout
+    ckpt = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
+    assert ckpt["method"] == "msf" and ckpt["feature_dim"] == 512 and ckpt["image_size"] == 16
+    assert set(ckpt["encoder"]) == set(msf.build_backbone("resnet18", {})[0].state_dict())
+    assert ckpt["train_state"]["model"]["bank"].shape == (48, 16)
+    json.dumps(ckpt["args"])
+    log = [json.loads(line) for line in open(tmp_path / "m" / "log.jsonl")]
+    assert log[0]["bank_size"] == 48 and log[-1]["epoch"] == 1 and 0 <= log[-1]["loss"] <= 4
+    run("linear_probe.py", "--encoder", tmp_path / "m" / "checkpoint.pt", "--train-list", demo / "train_labeled_50pct.txt",
+        "--val-list", demo / "val_clean.txt", "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
+        "--epochs", "1", "--workers", "0", env={"OMP_NUM_THREADS": "1"})
+    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "msf"
+
+
+def test_resume_continues_exactly(demo, tmp_path):
+    train(demo, tmp_path / "a", "--epochs", "2")
+    train(demo, tmp_path / "b", "--epochs", "1")
+    train(demo, tmp_path / "b", "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["train_state"] for n in "ab")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key  # online, predictor, target, bank and pointer
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+
+
+def test_torchrun_two_processes(demo, tmp_path):
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "msf.py"),
+           "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY, "--bank-size", "32",
+           "--epochs", "1"]
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
+    state = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["train_state"]["model"]
+    steps = 48 // 8  # 48 images, global batch 8 (4 per process)
+    assert state["bank_ptr"].item() == steps * 8 % 32 == 16  # every step enqueues the targets of both processes
+    assert torch.allclose(state["bank"].norm(dim=1), torch.ones(32))
+    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    assert log[0]["world_size"] == 2 and log[0]["bank_size"] == 32 and log[0]["steps_per_epoch"] == steps
+
+
+def test_bad_inputs(demo, tmp_path, random_ckpt):
+    lst = tmp_path / "missing.txt"
+    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
+    line = error_of(run("msf.py", "--train-list", lst, "--out", tmp_path / "m", *TINY, check=False))
+    assert "missing.txt:" in line and "image not found" in line
+    line = error_of(train(demo, tmp_path / "m", "--bank-size", "20", check=False))
+    assert "--bank-size 20 must be divisible by the global batch size 8" in line
+    line = error_of(train(demo, tmp_path / "m", "--resume", random_ckpt, check=False))
+    assert "random.pt: not a msf.py checkpoint with training state (method random)" in line
