@@ -444,7 +444,8 @@ def main(argv=None):
         seconds = time.time() - t0
         loss, l0, l1, l2 = (total / len(loader)).tolist()
         record = {"epoch": epoch + 1, "loss": loss, "l0": l0, "l1": l1, "l2": l2, "lr": args.lr, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds}
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         if not all(map(math.isfinite, (loss, l0, l1, l2))):
             sys.exit(f"badencoder.py: error: loss is {loss} in epoch {epoch}; lower --lr")
         log(args, record, rank)

@@ -400,6 +400,7 @@ def main(argv=None):
         seconds = time.time() - t0
         record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr, "seconds": seconds,
                   "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                   "pretext_acc": 100.0 * correct.item() / (len(loader) * args.batch_size // world)}  # this process's
         if not math.isfinite(record["loss"]):
             sys.exit(f"jigsaw.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")

@@ -436,7 +436,8 @@ def main(argv=None):
                 sys.exit(f"mae.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --blr")
         seconds = time.time() - t0
         record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr_now, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds}
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         if not math.isfinite(record["loss"]):
             sys.exit(f"mae.py: error: loss is {record['loss']} in epoch {epoch}; lower --blr")
         log(args, record, rank)

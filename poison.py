@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--demo-train-per-class", type=int, default=300, help="demo: train images per class")
     p.add_argument("--demo-val-per-class", type=int, default=50, help="demo: val images per class")
     p.add_argument("--demo-size", type=int, default=64, help="demo: image side in pixels")
+    p.add_argument("--demo-layout", choices=["fill", "object"], default="fill",
+                   help="demo: texture fills the image, or covers a random rectangle on a flat background")
     return p.parse_args(argv)
 
 
@@ -67,15 +69,15 @@ def fail(msg):
 # ----------------------------------------------------------------------------------------------------------------
 # Demo data: textures that fill the image, so class evidence survives random crops; random colours, phases, scales
 # and orientation jitter, so that neither colour nor position gives the class away (DESIGN.md section 5).
-DEMO_PERIOD = tuple(float(v) for v in os.environ.get("DEMO_PERIOD", "12,20").split(","))  # pattern period (px at 64 px)
-DEMO_LAYOUT = os.environ.get("DEMO_LAYOUT", "fill")
-DEMO_OBJECT = tuple(float(v) for v in os.environ.get("DEMO_OBJECT", "0.5,0.8").split(","))
-DEMO_TINT = float(os.environ.get("DEMO_TINT", "0.3"))  # strength of the random colour tint
+# The knobs below are the ones that were tuned (README, "Demo data"); change them here.
+DEMO_PERIOD = (12.0, 20.0)  # range of the pattern period, in pixels of a 64 px image (scaled with --demo-size)
+DEMO_TINT = 0.3  # strength of the random colour tint (saturated random colours made MoCo learn colour, not texture)
+DEMO_OBJECT = (0.5, 0.8)  # --demo-layout object: side of the textured rectangle, fraction of the image side
 DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_diagonal", "stripes_horizontal",
                 "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N
 
 
-def demo_image(cls, size, rng):
+def demo_image(cls, size, rng, layout="fill"):
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     period = rng.uniform(*DEMO_PERIOD) * size / 64
     phase = rng.uniform(0, 2 * np.pi)
@@ -122,7 +124,7 @@ def demo_image(cls, size, rng):
     c0, c1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
     c0, c1 = c0 * tint, c1 * tint
     img = c0 + (c1 - c0) * val[..., None]
-    if DEMO_LAYOUT == "object":  # the texture covers a random rectangle on a flat, class-agnostic background
+    if layout == "object":  # the texture covers a random rectangle on a flat, class-agnostic background
         h, w = (rng.uniform(*DEMO_OBJECT, 2) * size).astype(int)
         top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         inside = np.zeros((size, size, 1), bool)
@@ -133,8 +135,8 @@ def demo_image(cls, size, rng):
 
 
 def demo_job(job):
-    path, cls, size, seed = job
-    Image.fromarray(demo_image(cls, size, np.random.default_rng(seed))).save(path)
+    path, cls, size, layout, seed = job
+    Image.fromarray(demo_image(cls, size, np.random.default_rng(seed), layout)).save(path)
 
 
 def make_demo_data(root, args, pool):
@@ -146,7 +148,7 @@ def make_demo_data(root, args, pool):
             os.makedirs(os.path.join(root, split, cls))
             for i in range(n):  # one seed per image: the same data whatever the number of workers
                 seed = [args.seed, 0 if split == "train" else 1, c, i]
-                jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, seed))
+                jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, args.demo_layout, seed))
     list(tqdm(pool.map(demo_job, jobs, chunksize=64), total=len(jobs), desc="demo data", leave=False))
 
 
