@@ -5,7 +5,9 @@
 # Environment:
 #   PRESET=demo (default)  built-in demo data, small budgets for a 2-core CPU (see README, "Quickstart")
 #   PRESET=paper           DATA_ROOT=<ImageNet folder> [CLASSES=<wnid list>]: the paper's recipes (every script's defaults)
-#   SEED=0  TARGET=<class name or index>  EXTRA="<more pre-training flags>"  PYTHON=python3
+#   SEED=0  TARGET=<class name or index>  PYTHON=python3
+#   LAUNCH="torchrun --nproc_per_node 8" runs the pre-training on 8 GPUs (default: $PYTHON, one process)
+#   EXTRA="<more pre-training flags>"  POISON_EXTRA="<more poison.py flags>" (later flags override the preset's)
 # Steps whose outputs exist are skipped, so an interrupted run continues; delete OUT to start again.
 set -euo pipefail
 METHOD=${1:-moco}
@@ -48,12 +50,12 @@ fi
 case $METHOD in jigsaw|rotnet) LAYER=layer3 ;; *) LAYER=final ;; esac
 
 start=$(date +%s)
-[ -f "$OUT/data/poison.json" ] || $PY poison.py --out "$OUT/data" --seed "$SEED" ${TARGET:+--target "$TARGET"} $DATA_FLAGS
+[ -f "$OUT/data/poison.json" ] || $PY poison.py --out "$OUT/data" --seed "$SEED" ${TARGET:+--target "$TARGET"} $DATA_FLAGS ${POISON_EXTRA:-}
 for KIND in clean poisoned; do
   if [ ! -f "$OUT/$KIND/done" ]; then
     RESUME=""
     [ -f "$OUT/$KIND/checkpoint.pt" ] && RESUME="--resume $OUT/$KIND/checkpoint.pt"
-    $PY $METHOD.py --train-list "$OUT/data/train_$KIND.txt" --out "$OUT/$KIND" --seed "$SEED" $COMMON $FLAGS ${EXTRA:-} $RESUME
+    ${LAUNCH:-$PY} $METHOD.py --train-list "$OUT/data/train_$KIND.txt" --out "$OUT/$KIND" --seed "$SEED" $COMMON $FLAGS ${EXTRA:-} $RESUME
     touch "$OUT/$KIND/done"
   fi
   [ -f "$OUT/$KIND/probe/metrics.json" ] || $PY linear_probe.py --encoder "$OUT/$KIND/checkpoint.pt" \

@@ -6,7 +6,7 @@
 #   bash scripts/reproduce.sh [ROOT]                         demo scale on the built-in data (about 1.5 h on 2 CPU cores)
 #   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=in100.txt SEEDS="0 1 2" bash scripts/reproduce.sh runs/paper
 # Environment: PRESET (demo|paper), SEEDS ("0"), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES,
-# TARGET, PYTHON. Finished steps are skipped, so an interrupted run continues where it stopped.
+# TARGET, PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an interrupted run continues where it stopped.
 set -euo pipefail
 ROOT=${1:-runs/reproduce_${PRESET:-demo}}
 export PRESET=${PRESET:-demo}
@@ -47,7 +47,7 @@ if [ -f "$MOCO/poisoned/checkpoint.pt" ]; then
   [ -e "$ROOT/defense/teacher" ] || ln -s "$(cd "$MOCO/poisoned" && pwd)" "$ROOT/defense/teacher"
   for P in 25 10 5; do
     S="$ROOT/defense/student_${P}pct"
-    [ -f "$S/done" ] || { $PY compress_defense.py --teacher "$MOCO/poisoned/checkpoint.pt" \
+    [ -f "$S/done" ] || { ${LAUNCH:-$PY} compress_defense.py --teacher "$MOCO/poisoned/checkpoint.pt" \
       --train-list "$DATA/train_labeled_${P}pct.txt" --out "$S" --seed "$SEED" $DEFENSE_FLAGS && touch "$S/done"; }
     probe "$S/checkpoint.pt" "$S/probe" "$DATA" --seed "$SEED"
   done
@@ -59,7 +59,7 @@ if [ -f "$MOCO/poisoned/checkpoint.pt" ]; then
   TARGET_INDEX=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['target']['index'])" "$DATA/poison.json")
   awk -v t="$TARGET_INDEX" -v d="$DATA" '$NF == t { if (substr($0, 1, 1) != "/") $0 = d "/" $0; print; exit }' \
     "$DATA/train_clean.txt" > "$B/reference.txt"
-  [ -f "$B/backdoored/done" ] || { $PY badencoder.py --encoder "$B/clean/checkpoint.pt" --shadow-list "$DATA/train_clean.txt" \
+  [ -f "$B/backdoored/done" ] || { ${LAUNCH:-$PY} badencoder.py --encoder "$B/clean/checkpoint.pt" --shadow-list "$DATA/train_clean.txt" \
     --reference-list "$B/reference.txt" --trigger "$DATA/trigger.png" --trigger-location random --out "$B/backdoored" \
     --seed "$SEED" $BADENCODER_FLAGS && touch "$B/backdoored/done"; }
   for KIND in clean backdoored; do probe "$B/$KIND/checkpoint.pt" "$B/$KIND/probe" "$DATA" --classifier mlp --seed "$SEED"; done

@@ -46,6 +46,13 @@ def train_log(folder):
     return epochs[-1]["epoch"], sum(r["seconds"] for r in epochs), statistics.mean(r["images_per_s"] for r in epochs)
 
 
+def image_size(folder):
+    """--image-size of a trainer run, from the first record of its log.jsonl (None if unknown)."""
+    path = os.path.join(folder, "log.jsonl")
+    first = json.loads(open(path).readline()) if os.path.isfile(path) else {}
+    return first.get("args", {}).get("image_size")
+
+
 def fmt(values, digits=1):
     """mean (or mean ± std over several runs)."""
     values = [v for v in values if v is not None]
@@ -77,7 +84,20 @@ def pair(run):
     if m:
         rows.append(f"\nTarget class {m['target']} '{m['target_name']}'; FP = val images of the other "
                     f"{m['num_classes'] - 1} classes predicted as the target (of {m['n_patched_nontarget']}).")
+        c = load(os.path.join(run, "clean", "probe", "metrics.json"))
+        if c:
+            rows.append(verdict(c, m))
     return "\n".join(rows)
+
+
+def verdict(clean, backdoored):
+    """Does the run show the paper's effect: patched-val FP of the backdoored model at least 3x the clean model's?"""
+    ratio = backdoored["fp_patched"] / max(clean["fp_patched"], 1)
+    shown = ratio >= 3 and min(clean["acc_clean"], backdoored["acc_clean"]) >= 2 * 100 / clean["num_classes"]
+    return (f"Backdoor effect: patched-val FP {backdoored['fp_patched']} (backdoored) vs {clean['fp_patched']} (clean "
+            f"model) = {ratio:.1f}x (paper, MoCo v2 on ImageNet-100: 461.1 vs 22.8 = 20x). " +
+            ("Shown (at least 3x, both models well above chance)." if shown else
+             "NOT shown (below 3x, or a model near chance): at this budget the numbers do not reproduce the paper."))
 
 
 def runs_of(root, method):
@@ -87,15 +107,15 @@ def runs_of(root, method):
 
 def main_table(root):
     rows = ["| method | | clean model: clean Acc / FP | clean model: patched Acc / FP | backdoored: clean Acc / FP | "
-            "backdoored: patched Acc / FP | backdoored ASR % | runs | epochs | wall time (both models) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "backdoored: patched Acc / FP | backdoored ASR % | runs | epochs | image size | wall time (both models) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         runs = [r for r in runs_of(root, method) if load(os.path.join(r, "poisoned", "probe", "metrics.json"))]
         p = PAPER[method]
         rows.append(f"| {method} | paper | {p[0]} / {p[1]} | {p[2]} / {p[3]} | {p[4]} / {p[5]} | {p[6]} / {p[7]} | "
-                    f"{100 * p[7] / 4950:.1f} | 10 | 200 | |")
+                    f"{100 * p[7] / 4950:.1f} | 10 | 200 | 224 | |")
         if not runs:
-            rows.append(f"| {method} | ours | (not run) |||||||")
+            rows.append(f"| {method} | ours | (not run) ||||||||")
             continue
         c = [load(os.path.join(r, "clean", "probe", "metrics.json")) for r in runs]
         b = [load(os.path.join(r, "poisoned", "probe", "metrics.json")) for r in runs]
@@ -109,7 +129,8 @@ def main_table(root):
         ep = max((t[0] for t in logs if t), default=0)
         rows.append(f"| {method} | ours | {cell(c, 'acc_clean', 'fp_clean')} | {cell(c, 'acc_patched', 'fp_patched')} | "
                     f"{cell(b, 'acc_clean', 'fp_clean')} | {cell(b, 'acc_patched', 'fp_patched')} | "
-                    f"{fmt([m['asr'] for m in b])} | {len(runs)} | {ep} | {minutes(sec)} |")
+                    f"{fmt([m['asr'] for m in b])} | {len(runs)} | {ep} | {image_size(os.path.join(runs[0], 'clean'))} | "
+                    f"{minutes(sec)} |")
     m = next((load(f) for f in sorted(glob.glob(os.path.join(root, "*", "poisoned", "probe", "metrics.json")))), None)
     if m:
         rows.append(f"\nOurs: demo data, {m['num_classes']} classes, FP out of {m['n_patched_nontarget']} non-target "

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny demo data set, random-init checkpoints, and a helper that runs a script as the shell does."""
+"""Shared fixtures: a tiny demo data set, random-init checkpoints, and helpers that run scripts as the shell does and
+check what they wrote."""
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +36,70 @@ def error_of(proc):
     lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
     assert len(lines) == 1, "expected one error line, got:\n" + proc.stderr[-3000:]
     return lines[0]
+
+
+def read_log(folder):
+    """The records of folder/log.jsonl, one dict per line."""
+    with open(os.path.join(folder, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def torchrun2(script, *args):
+    """torchrun, 2 CPU processes of 1 thread -> (log records, checkpoint, stdout); --out holds only those two files."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = cmd[cmd.index("--out") + 1]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+    return read_log(out), torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True), proc.stdout
+
+
+def assert_same_state(a, b, where="state"):
+    """a and b have the same keys all the way down, and every tensor (and any other value) is exactly equal."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def assert_resume_is_exact(train, folder, *extra_a):
+    """train(out, *args): 2 epochs in a/ (+ extra_a) == 1 then 2 --resume in b/, tensor for tensor -> (a, b)."""
+    a_out, b_out = folder / "a", folder / "b"
+    train(a_out, "--epochs", "2", *extra_a)
+    train(b_out, "--epochs", "1")
+    train(b_out, "--epochs", "2", "--resume", b_out / "checkpoint.pt")
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=True) for out in (a_out, b_out))
+    assert a["epoch"] == b["epoch"] == 2
+    assert_same_state(a["train_state"]["model"], b["train_state"]["model"], "model")
+    assert_same_state(a["train_state"]["optimizer"]["state"], b["train_state"]["optimizer"]["state"], "optimizer")
+    return a, b
+
+
+def probe(demo, checkpoint, out, *extra):
+    """linear_probe.py in this process on the demo's 50% split (1 epoch, no workers; extra flags win) -> its metrics."""
+    linear_probe.main([str(a) for a in ("--encoder", checkpoint, "--train-list", demo / "train_labeled_50pct.txt",
+                                        "--val-list", demo / "val_clean.txt", "--val-patched-list",
+                                        demo / "val_patched.txt", "--out", out, "--epochs", 1, "--workers", 0, *extra)])
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def assert_missing_image_refused(script, demo, tmp_path, *args):
+    """A train list with one image that does not exist: the script stops with one line naming the list and the problem."""
+    lst = tmp_path / "missing.txt"
+    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
+    line = error_of(run(script, "--train-list", lst, "--out", tmp_path / "missing", *args, check=False))
+    assert line.startswith(f"{script}: error: ") and "missing.txt:" in line and "image not found" in line
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,7 @@
 """badencoder.py: loss terms, frozen BN and clean encoder, trigger stamping, pipeline/torchrun/resume runs, bad input."""
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,10 +9,9 @@ import torch
 from PIL import Image
 
 import badencoder
-import linear_probe
 import moco
 import poison
-from conftest import ROOT, error_of, run
+from conftest import assert_resume_is_exact, error_of, probe, read_log, run, torchrun2
 
 TINY = ["--batch-size", "8", "--workers", "0"]
 VIT = {"image_size": 16, "patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}
@@ -143,46 +139,28 @@ def test_pipeline_moco_badencoder_linear_probe(demo, tmp_path):
     assert torch.equal(ckpt["trigger"]["images"][0], torch.from_numpy(trigger.copy()))
     assert ckpt["trigger"]["location"] == "random" and ckpt["trigger"]["range"] == [0.1, 0.9]
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "bd" / "log.jsonl")]
+    log = read_log(tmp_path / "bd")
     assert log[0]["source"]["method"] == "moco" and log[0]["references"] == 1
     last = log[-1]
     assert last["epoch"] == 1 and last["loss"] == pytest.approx(last["l0"] + last["l1"] + last["l2"], abs=1e-5)
     assert -1 <= last["l2"] < -0.9  # f' starts as f: clean embeddings stay put
-    linear_probe.main([str(v) for v in ("--encoder", tmp_path / "bd" / "checkpoint.pt", "--train-list",
-                                        demo / "train_labeled_50pct.txt", "--val-list", demo / "val_clean.txt",
-                                        "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
-                                        "--classifier", "mlp", "--epochs", 2, "--workers", 0)])
-    m = json.load(open(tmp_path / "lp" / "metrics.json"))
+    m = probe(demo, tmp_path / "bd" / "checkpoint.pt", tmp_path / "lp", "--classifier", "mlp", "--epochs", 2)
     assert m["method"] == "badencoder" and 0 <= m["asr"] <= 100 and 0 <= m["asr_all"] <= 100
 
 
 def test_resume_continues_exactly(demo, random_ckpt, tmp_path):
     refs = reference_list(demo, tmp_path, n=2)  # two pairs: a white square and poison.py's trigger, random places
     extra = ["--trigger", "white", "--trigger", demo / "trigger.png", "--trigger-location", "random"]
-    badencoder.main(attack_args(demo, random_ckpt, tmp_path / "a", refs, *extra, "--epochs", 2))
-    badencoder.main(attack_args(demo, random_ckpt, tmp_path / "b", refs, *extra, "--epochs", 1))
-    badencoder.main(attack_args(demo, random_ckpt, tmp_path / "b", refs, *extra, "--epochs", 2, "--resume",
-                                tmp_path / "b" / "checkpoint.pt"))
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and len(a["trigger"]["images"]) == 2
-    for key, value in a["train_state"]["model"].items():
-        assert torch.equal(value, b["train_state"]["model"][key]), key
-    for key, value in a["train_state"]["optimizer"]["state"].items():
-        assert torch.equal(value["momentum_buffer"], b["train_state"]["optimizer"]["state"][key]["momentum_buffer"])
+    a, _ = assert_resume_is_exact(
+        lambda out, *args: badencoder.main(attack_args(demo, random_ckpt, out, refs, *extra, *args)), tmp_path)
+    assert len(a["trigger"]["images"]) == 2
 
 
 def test_torchrun_two_processes(demo, random_ckpt, tmp_path):
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "badencoder.py"),
-           *attack_args(demo, random_ckpt, tmp_path / "d", reference_list(demo, tmp_path), "--epochs", 1)]
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **ONE_THREAD})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
-    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    refs = reference_list(demo, tmp_path)
+    log, ckpt, _ = torchrun2("badencoder.py", *attack_args(demo, random_ckpt, tmp_path / "d", refs, "--epochs", 1))
     assert log[0]["world_size"] == 2 and log[0]["steps_per_epoch"] == 48 // 8
-    source = torch.load(random_ckpt, weights_only=True)["encoder"]
-    encoder = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["encoder"]
+    source, encoder = torch.load(random_ckpt, weights_only=True)["encoder"], ckpt["encoder"]
     for key in ("bn1.running_var", "bn1.weight", "layer4.1.bn2.running_mean"):  # BN frozen under DDP too
         assert torch.equal(encoder[key], source[key]), key
     assert not torch.equal(encoder["conv1.weight"], source["conv1.weight"])

@@ -1,15 +1,12 @@
 """byol.py: regression loss, tau and lr schedules, EMA, view pairing; smoke/torchrun/resume runs, bad input."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import byol
-from conftest import ROOT, error_of, run
+from conftest import assert_missing_image_refused, assert_resume_is_exact, error_of, probe, read_log, run, torchrun2
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--workers", "0", "--dim", "16", "--hidden", "32",
         "--warmup-iters", "3"]
@@ -86,43 +83,25 @@ def test_smoke_run_checkpoint_is_accepted_by_linear_probe(demo, tmp_path):
     assert ckpt["method"] == "byol" and ckpt["feature_dim"] == 512 and ckpt["image_size"] == 16
     assert set(ckpt["encoder"]) == set(byol.build_backbone("resnet18", {})[0].state_dict())
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "m" / "log.jsonl")]
+    log = read_log(tmp_path / "m")
     # 6 steps of warmup over 3 iterations: the last lr is the full one; tau at epoch 0 is tau_base
     assert log[-1]["epoch"] == 1 and log[-1]["lr"] == 2e-3 and log[-1]["tau"] == 0.99 and log[-1]["images_per_s"] > 0
-    run("linear_probe.py", "--encoder", tmp_path / "m" / "checkpoint.pt", "--train-list", demo / "train_labeled_50pct.txt",
-        "--val-list", demo / "val_clean.txt", "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
-        "--epochs", "1", "--workers", "0", env={"OMP_NUM_THREADS": "1"})
-    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "byol"
+    assert probe(demo, tmp_path / "m" / "checkpoint.pt", tmp_path / "lp")["method"] == "byol"
 
 
 def test_resume_continues_exactly(demo, tmp_path):
-    train(demo, tmp_path / "a", "--epochs", "2")
-    train(demo, tmp_path / "b", "--epochs", "1")
-    train(demo, tmp_path / "b", "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
-    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["train_state"] for n in "ab")
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key  # online, predictor and target
-    for key, state in a["optimizer"]["state"].items():
-        assert all(torch.equal(v, b["optimizer"]["state"][key][name]) for name, v in state.items())  # Adam moments
+    assert_resume_is_exact(lambda out, *args: train(demo, out, *args), tmp_path)  # online, predictor, target, Adam
 
 
 def test_torchrun_two_processes(demo, tmp_path):
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "byol.py"),
-           "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY, "--epochs", "1"]
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
-    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    log, ckpt, _ = torchrun2("byol.py", "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY,
+                             "--epochs", "1")
     assert log[0]["world_size"] == 2 and log[0]["steps_per_epoch"] == 48 // 8 and math.isfinite(log[-1]["loss"])
-    state = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["train_state"]["model"]
+    state = ckpt["train_state"]["model"]
     assert not torch.equal(state["online.1.0.weight"], state["target.1.0.weight"])  # the optimizer and the EMA ran
 
 
 def test_bad_inputs(demo, tmp_path, random_ckpt):
-    lst = tmp_path / "missing.txt"
-    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
-    line = error_of(run("byol.py", "--train-list", lst, "--out", tmp_path / "m", *TINY, check=False))
-    assert "missing.txt:" in line and "image not found" in line
+    assert_missing_image_refused("byol.py", demo, tmp_path, *TINY)
     line = error_of(train(demo, tmp_path / "m", "--resume", random_ckpt, check=False))
     assert "random.pt: not a byol.py checkpoint with training state (method random)" in line

@@ -2,9 +2,6 @@
 and resume runs, bad input."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import compress_defense as cd
-from conftest import ROOT, error_of, run
+from conftest import assert_resume_is_exact, error_of, probe, read_log, run, torchrun2
 
 TINY = ["--batch-size", "8", "--workers", "0"]  # the image size (16 px) comes from the teacher checkpoint
 
@@ -152,47 +149,31 @@ def test_pipeline_poisoned_moco_teacher_to_linear_probe(demo, tmp_path):
     assert set(ckpt["encoder"]) == set(cd.build_backbone("resnet18", {})[0].state_dict())
     assert not any(k.startswith("teacher.") for k in ckpt["train_state"]["model"])
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "c" / "log.jsonl")]
+    log = read_log(tmp_path / "c")
     assert log[0]["bank_size"] == 12 and log[0]["bank_capped"] and log[-1]["epoch"] == 1  # 12 clean images
-    run("linear_probe.py", "--encoder", tmp_path / "c" / "checkpoint.pt", "--train-list", demo / "train_labeled_50pct.txt",
-        "--val-list", demo / "val_clean.txt", "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
-        "--epochs", "1", "--workers", "0")
-    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "compress"
+    assert probe(demo, tmp_path / "c" / "checkpoint.pt", tmp_path / "lp")["method"] == "compress"
 
 
 def test_resume_continues_exactly_one_queue(demo, random_ckpt, tmp_path):
     lst = demo / "train_labeled_25pct.txt"  # 12 images: one step of 8 per epoch into a bank of 12, wrapping in epoch 2
     extra = ["--variant", "1q", "--milestones", "1"]
-    distill(tmp_path / "a", random_ckpt, lst, *extra, "--epochs", "2")
-    distill(tmp_path / "b", random_ckpt, lst, *extra, "--epochs", "1")
-    distill(tmp_path / "b", random_ckpt, lst, *extra, "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["train_state"]["model"]["ptr"].item() == 16 % 12
-    for key, value in a["train_state"]["model"].items():
-        assert torch.equal(value, b["train_state"]["model"][key]), key  # student, fc, bank and pointer
-    for key, value in a["train_state"]["optimizer"]["state"].items():
-        assert torch.equal(value["momentum_buffer"], b["train_state"]["optimizer"]["state"][key]["momentum_buffer"])
-    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "a" / "log.jsonl")) if "lr" in r]
+    # every tensor of the student, fc, bank and pointer, and the momentum buffers
+    a, _ = assert_resume_is_exact(lambda out, *args: distill(out, random_ckpt, lst, *extra, *args), tmp_path)
+    assert a["train_state"]["model"]["ptr"].item() == 16 % 12
+    lrs = [r["lr"] for r in read_log(tmp_path / "a") if "lr" in r]
     assert lrs == pytest.approx([0.01, 0.002])  # x0.2 for epochs after the milestone, counted from 1
     assert a["train_state"]["model"]["fc.weight"].shape == (512, 512)  # 1q: the Linear layer is training state only
     assert set(a["encoder"]) == set(cd.build_backbone("resnet18", {})[0].state_dict())
 
 
 def test_torchrun_two_processes(demo, random_ckpt, tmp_path):
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "compress_defense.py"),
-           "--teacher", random_ckpt, "--train-list", demo / "train_labeled_50pct.txt", "--out", tmp_path / "d", *TINY,
-           "--bank-size", "20", "--epochs", "1"]
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    log, ckpt, _ = torchrun2("compress_defense.py", "--teacher", random_ckpt, "--train-list",
+                             demo / "train_labeled_50pct.txt", "--out", tmp_path / "d", *TINY, "--bank-size", "20",
+                             "--epochs", "1")
     state = ckpt["train_state"]["model"]
     assert state["ptr"].item() == 3 * 8 % 20 == 4  # 24 images, global batch 8: every step enqueues both processes' rows
     for bank in (state["bank_t"], state["bank_s"]):  # every slot overwritten by a normalised embedding
         assert torch.allclose(bank.norm(dim=1), torch.ones(20), atol=1e-5)
-    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
     assert log[0]["world_size"] == 2 and log[0]["steps_per_epoch"] == 3
 
 

@@ -3,9 +3,6 @@ resume runs, bad input."""
 import collections
 import itertools
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ from PIL import Image
 
 import jigsaw
 import linear_probe
-from conftest import ROOT, error_of, run
+from conftest import assert_missing_image_refused, assert_resume_is_exact, probe, read_log, run, torchrun2
 
 TINY = ["--image-size", "16", "--batch-size", "16", "--workers", "0", "--num-perms", "24"]
 MEAN, STD = torch.tensor(jigsaw.MEAN).view(3, 1, 1), torch.tensor(jigsaw.STD).view(3, 1, 1)
@@ -119,49 +116,18 @@ def train(demo, out, *extra, script="jigsaw.py", tiny=TINY, check=True):
 
 def probe_every_layer(demo, tmp_path, checkpoint, method):
     """linear_probe.py accepts the checkpoint with every --layer (in this process: 6 interpreter starts cost more)."""
-    data = ["--encoder", checkpoint, "--train-list", demo / "train_labeled_50pct.txt", "--val-list", demo / "val_clean.txt",
-            "--val-patched-list", demo / "val_patched.txt", "--epochs", "1", "--workers", "0"]
     for layer in ["final", *linear_probe.POOL]:
-        linear_probe.main([str(a) for a in [*data, "--out", tmp_path / layer, "--layer", layer]])
-        metrics = json.load(open(tmp_path / layer / "metrics.json"))
+        metrics = probe(demo, checkpoint, tmp_path / layer, "--layer", layer)
         assert metrics["method"] == method and metrics["layer"] == layer
-
-
-def assert_resume_is_exact(demo, tmp_path, **kw):
-    """--epochs 2 in one run (2 workers) == --epochs 1, then --epochs 2 --resume (no workers), for every tensor."""
-    train(demo, tmp_path / "a", "--epochs", "2", "--batch-size", "24", "--workers", "2", **kw)
-    train(demo, tmp_path / "b", "--epochs", "1", "--batch-size", "24", **kw)
-    train(demo, tmp_path / "b", "--epochs", "2", "--batch-size", "24", "--resume", tmp_path / "b" / "checkpoint.pt", **kw)
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
-    for key, value in a["train_state"]["model"].items():
-        assert torch.equal(value, b["train_state"]["model"][key]), key
-    for key, value in a["train_state"]["optimizer"]["state"].items():
-        assert torch.equal(value["momentum_buffer"], b["train_state"]["optimizer"]["state"][key]["momentum_buffer"])
-    return a, b
 
 
 def torchrun(demo, out, script="jigsaw.py", tiny=TINY):
     """1 epoch with 2 CPU processes (Gloo) -> (stdout, log records); the checkpoint loads strictly into a ResNet-18."""
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, script),
-           "--train-list", demo / "train_poisoned.txt", "--out", out, *tiny, "--epochs", "1"]
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+    log, _, stdout = torchrun2(script, "--train-list", demo / "train_poisoned.txt", "--out", out, *tiny,
+                               "--epochs", "1")
     linear_probe.load_encoder(str(out / "checkpoint.pt"))
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert log[0]["world_size"] == 2 and log[0]["steps_per_epoch"] == 48 // 16 and log[-1]["epoch"] == 1
-    return proc.stdout, log
-
-
-def missing_image_error(demo, tmp_path, **kw):
-    lst = tmp_path / "missing.txt"
-    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
-    line = error_of(train(demo, tmp_path / "out", "--train-list", lst, check=False, **kw))
-    assert "missing.txt:" in line and "image not found" in line
-    return line
+    return stdout, log
 
 
 def test_smoke_run_checkpoint_is_accepted_by_linear_probe_at_every_layer(demo, tmp_path):
@@ -171,13 +137,15 @@ def test_smoke_run_checkpoint_is_accepted_by_linear_probe_at_every_layer(demo, t
     assert torch.equal(ckpt["perms"], jigsaw.hamming_permutations(24, 0))
     assert set(ckpt["encoder"]) == set(jigsaw.build_backbone("resnet18", {})[0].state_dict())
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "j" / "log.jsonl")]
+    log = read_log(tmp_path / "j")
     assert log[0]["tile"] == 5 and log[-1]["epoch"] == 1 and log[-1]["images_per_s"] > 0
     probe_every_layer(demo, tmp_path, tmp_path / "j" / "checkpoint.pt", "jigsaw")
 
 
 def test_resume_continues_exactly(demo, tmp_path):
-    a, b = assert_resume_is_exact(demo, tmp_path)
+    # batches of 24; the one-run a uses 2 workers, b none: the worker count must not matter
+    a, b = assert_resume_is_exact(lambda out, *args: train(demo, out, "--batch-size", "24", *args), tmp_path,
+                                  "--workers", "2")
     assert torch.equal(a["perms"], b["perms"])
 
 
@@ -187,7 +155,7 @@ def test_torchrun_two_processes(demo, tmp_path):
 
 
 def test_bad_inputs(demo, tmp_path, random_ckpt):
-    assert missing_image_error(demo, tmp_path).startswith("jigsaw.py: error: ")
+    assert_missing_image_refused("jigsaw.py", demo, tmp_path, *TINY)
     args = ["--train-list", str(demo / "train_poisoned.txt"), "--out", str(tmp_path / "j")]
     with pytest.raises(jigsaw.InputError, match="random.pt: not a jigsaw.py checkpoint"):
         jigsaw.main([*args, "--resume", str(random_ckpt)])

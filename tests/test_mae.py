@@ -2,18 +2,14 @@
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
-import linear_probe
 import mae
-from conftest import ROOT, error_of, run
+from conftest import assert_missing_image_refused, assert_resume_is_exact, probe, read_log, run, torchrun2
 
 VIT = {"image_size": 16, "patch_size": 4, "num_layers": 2, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 64}
 TINY = ["--image-size", "16", "--patch-size", "4", "--width", "16", "--depth", "2", "--heads", "2", "--decoder-width", "16",
@@ -147,7 +143,7 @@ def test_smoke_run_checkpoint_loads_into_torchvision_and_linear_probe(demo, tmp_
     ckpt = torch.load(tmp_path / "m" / "checkpoint.pt", weights_only=True)
     assert (ckpt["method"], ckpt["arch"], ckpt["arch_kwargs"], ckpt["feature_dim"]) == ("mae", "vit", VIT, 16)
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "m" / "log.jsonl")]
+    log = read_log(tmp_path / "m")
     assert log[0]["steps_per_epoch"] == 6 and log[-1]["epoch"] == 1 and log[-1]["images_per_s"] > 0
     plain = torchvision.models.VisionTransformer(**VIT, num_classes=3)
     result = plain.load_state_dict(ckpt["encoder"], strict=False)
@@ -160,45 +156,24 @@ def test_smoke_run_checkpoint_loads_into_torchvision_and_linear_probe(demo, tmp_
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():  # masking off: the MAE path's cls feature is torchvision's plain forward
         assert torch.allclose(model.forward_encoder(x, 0.0)[0][:, 0], plain(x), atol=1e-5)
-    linear_probe.main([str(a) for a in ("--encoder", tmp_path / "m" / "checkpoint.pt", "--train-list",
-                       demo / "train_labeled_50pct.txt", "--val-list", demo / "val_clean.txt", "--val-patched-list",
-                       demo / "val_patched.txt", "--out", tmp_path / "lp", "--epochs", "1", "--workers", "0")])
-    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "mae"
+    assert probe(demo, tmp_path / "m" / "checkpoint.pt", tmp_path / "lp")["method"] == "mae"
 
 
 def test_resume_continues_exactly(demo, tmp_path):
-    train(demo, tmp_path / "a", "--epochs", "2", "--workers", "2")  # the worker count must not matter either
-    train(demo, tmp_path / "b", "--epochs", "1")
-    train(demo, tmp_path / "b", "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
-    for key, value in a["train_state"]["model"].items():
-        assert torch.equal(value, b["train_state"]["model"][key]), key
-    for key, state in a["train_state"]["optimizer"]["state"].items():
-        for name in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(state[name], b["train_state"]["optimizer"]["state"][key][name]), (key, name)
+    # run a with 2 workers: the worker count must not matter either; AdamW's step, exp_avg and exp_avg_sq compared
+    a, b = assert_resume_is_exact(lambda out, *args: train(demo, out, *args), tmp_path, "--workers", "2")
     assert torch.equal(a["train_state"]["rng"]["torch"], b["train_state"]["rng"]["torch"])  # the masks' RNG
 
 
 def test_torchrun_two_processes(demo, tmp_path):
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "mae.py"),
-           "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY, "--epochs", "1"]
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
-    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
+    log, ckpt, _ = torchrun2("mae.py", "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY,
+                             "--epochs", "1")
     assert log[0]["world_size"] == 2 and log[0]["steps_per_epoch"] == 6 and math.isfinite(log[-1]["loss"])
-    ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
     assert torch.equal(ckpt["encoder"]["encoder.pos_embedding"], mae.sincos_pos_embed(16, 4)[None])
 
 
 def test_bad_inputs(demo, tmp_path, random_ckpt):
-    lst = tmp_path / "missing.txt"
-    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
-    line = error_of(run("mae.py", "--train-list", lst, "--out", tmp_path / "m", *TINY, check=False))
-    assert "missing.txt:" in line and "image not found" in line
+    assert_missing_image_refused("mae.py", demo, tmp_path, *TINY)
     args = ["--train-list", str(demo / "train_poisoned.txt"), "--out", str(tmp_path / "m"), *TINY]  # in-process: faster
     with pytest.raises(mae.InputError, match="image size must be a multiple of the patch size"):
         mae.main([*args, "--image-size", "18"])

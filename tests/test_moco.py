@@ -1,15 +1,13 @@
 """moco.py: InfoNCE, queue, momentum update, shuffle BN, smoke/torchrun/resume runs, bad input."""
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import moco
-from conftest import ROOT, error_of, run
+from conftest import assert_missing_image_refused, assert_resume_is_exact, error_of, probe, read_log, run, torchrun2
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--dim", "16"]
 
@@ -87,25 +85,13 @@ def test_smoke_run_checkpoint_is_accepted_by_linear_probe(demo, tmp_path):
     assert ckpt["method"] == "moco" and ckpt["feature_dim"] == 512 and ckpt["image_size"] == 16
     assert set(ckpt["encoder"]) == set(moco.build_backbone("resnet18", {})[0].state_dict())
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "m" / "log.jsonl")]
+    log = read_log(tmp_path / "m")
     assert log[-1]["epoch"] == 1 and log[-1]["images_per_s"] > 0 and "emulated" in log[0]["shuffle_bn"]
-    run("linear_probe.py", "--encoder", tmp_path / "m" / "checkpoint.pt", "--train-list", demo / "train_labeled_50pct.txt",
-        "--val-list", demo / "val_clean.txt", "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
-        "--epochs", "1", "--workers", "0")
-    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "moco"
+    assert probe(demo, tmp_path / "m" / "checkpoint.pt", tmp_path / "lp")["method"] == "moco"
 
 
 def test_resume_continues_exactly(demo, tmp_path):
-    train(demo, tmp_path / "a", "--epochs", "2")
-    train(demo, tmp_path / "b", "--epochs", "1")
-    train(demo, tmp_path / "b", "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2
-    for key, value in a["train_state"]["model"].items():
-        assert torch.equal(value, b["train_state"]["model"][key]), key  # weights, key encoder, queue and pointer
-    for key, value in a["train_state"]["optimizer"]["state"].items():
-        assert torch.equal(value["momentum_buffer"], b["train_state"]["optimizer"]["state"][key]["momentum_buffer"])
+    assert_resume_is_exact(lambda out, *args: train(demo, out, *args), tmp_path)  # weights, key encoder, queue, pointer
 
 
 def test_same_seed_same_weights_other_seed_differs(demo, tmp_path):
@@ -118,27 +104,16 @@ def test_same_seed_same_weights_other_seed_differs(demo, tmp_path):
 
 
 def test_torchrun_two_processes(demo, tmp_path):
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "moco.py"), "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d",
-           *TINY, "--queue-size", "32", "--epochs", "1"]
-    import subprocess
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
-    ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)
+    log, ckpt, _ = torchrun2("moco.py", "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY,
+                             "--queue-size", "32", "--epochs", "1")
     state = ckpt["train_state"]["model"]
     steps = 48 // 8  # 48 images, global batch 8 (4 per process)
     assert state["queue_ptr"].item() == steps * 8 % 32 == 16  # every step enqueues the keys of both processes
-    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
     assert log[0]["world_size"] == 2 and "across 2 processes" in log[0]["shuffle_bn"] and log[0]["steps_per_epoch"] == steps
 
 
 def test_bad_inputs(demo, tmp_path):
-    lst = tmp_path / "missing.txt"
-    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
-    line = error_of(run("moco.py", "--train-list", lst, "--out", tmp_path / "m", *TINY, check=False))
-    assert "missing.txt:" in line and "image not found" in line
+    assert_missing_image_refused("moco.py", demo, tmp_path, *TINY)
     line = error_of(train(demo, tmp_path / "m", "--queue-size", "20", check=False))
     assert "--queue-size 20 must be divisible by the global batch size 8" in line
     bad = tmp_path / "bad.pt"

@@ -2,16 +2,13 @@
 runs, bank cap, bad input."""
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import msf
-from conftest import ROOT, error_of, run
+from conftest import assert_missing_image_refused, assert_resume_is_exact, error_of, probe, read_log, run, torchrun2
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--workers", "0", "--dim", "16", "--hidden", "32"]
 
@@ -80,46 +77,27 @@ def test_smoke_run_caps_the_bank_and_linear_probe_accepts_it(demo, tmp_path):
     assert set(ckpt["encoder"]) == set(msf.build_backbone("resnet18", {})[0].state_dict())
     assert ckpt["train_state"]["model"]["bank"].shape == (48, 16)
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "m" / "log.jsonl")]
+    log = read_log(tmp_path / "m")
     assert log[0]["bank_size"] == 48 and log[-1]["epoch"] == 1 and 0 <= log[-1]["loss"] <= 4
-    run("linear_probe.py", "--encoder", tmp_path / "m" / "checkpoint.pt", "--train-list", demo / "train_labeled_50pct.txt",
-        "--val-list", demo / "val_clean.txt", "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "lp",
-        "--epochs", "1", "--workers", "0", env={"OMP_NUM_THREADS": "1"})
-    assert json.load(open(tmp_path / "lp" / "metrics.json"))["method"] == "msf"
+    assert probe(demo, tmp_path / "m" / "checkpoint.pt", tmp_path / "lp")["method"] == "msf"
 
 
 def test_resume_continues_exactly(demo, tmp_path):
-    train(demo, tmp_path / "a", "--epochs", "2")
-    train(demo, tmp_path / "b", "--epochs", "1")
-    train(demo, tmp_path / "b", "--epochs", "2", "--resume", tmp_path / "b" / "checkpoint.pt")
-    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True)["train_state"] for n in "ab")
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key  # online, predictor, target, bank and pointer
-    for key, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert_resume_is_exact(lambda out, *args: train(demo, out, *args), tmp_path)  # online, predictor, target, bank
 
 
 def test_torchrun_two_processes(demo, tmp_path):
-    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "msf.py"),
-           "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY, "--bank-size", "32",
-           "--epochs", "1"]
-    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "d")) == ["checkpoint.pt", "log.jsonl"]
-    state = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["train_state"]["model"]
+    log, ckpt, _ = torchrun2("msf.py", "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY,
+                             "--bank-size", "32", "--epochs", "1")
+    state = ckpt["train_state"]["model"]
     steps = 48 // 8  # 48 images, global batch 8 (4 per process)
     assert state["bank_ptr"].item() == steps * 8 % 32 == 16  # every step enqueues the targets of both processes
     assert torch.allclose(state["bank"].norm(dim=1), torch.ones(32))
-    log = [json.loads(line) for line in open(tmp_path / "d" / "log.jsonl")]
     assert log[0]["world_size"] == 2 and log[0]["bank_size"] == 32 and log[0]["steps_per_epoch"] == steps
 
 
 def test_bad_inputs(demo, tmp_path, random_ckpt):
-    lst = tmp_path / "missing.txt"
-    lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
-    line = error_of(run("msf.py", "--train-list", lst, "--out", tmp_path / "m", *TINY, check=False))
-    assert "missing.txt:" in line and "image not found" in line
+    assert_missing_image_refused("msf.py", demo, tmp_path, *TINY)
     line = error_of(train(demo, tmp_path / "m", "--bank-size", "20", check=False))
     assert "--bank-size 20 must be divisible by the global batch size 8" in line
     line = error_of(train(demo, tmp_path / "m", "--resume", random_ckpt, check=False))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rotnet
-import test_jigsaw  # the run helpers (train, probe every layer, resume, torchrun, missing image) are shared
+import test_jigsaw  # the run helpers (train, probe every layer, torchrun) are shared
+from conftest import assert_missing_image_refused, assert_resume_is_exact, read_log
 
 TINY = ["--image-size", "16", "--batch-size", "16", "--workers", "0"]
 
@@ -61,13 +62,14 @@ def test_smoke_run_checkpoint_is_accepted_by_linear_probe_at_every_layer(demo, t
     assert ckpt["method"] == "rotnet" and ckpt["feature_dim"] == 512 and ckpt["image_size"] == 16
     assert set(ckpt["encoder"]) == set(rotnet.build_backbone("resnet18", {})[0].state_dict())
     json.dumps(ckpt["args"])
-    log = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
+    log = read_log(tmp_path / "r")
     assert log[-1]["epoch"] == 1 and log[-1]["images_per_s"] > 0 and 0 <= log[-1]["pretext_acc"] <= 100
     test_jigsaw.probe_every_layer(demo, tmp_path, tmp_path / "r" / "checkpoint.pt", "rotnet")
 
 
 def test_resume_continues_exactly(demo, tmp_path):
-    test_jigsaw.assert_resume_is_exact(demo, tmp_path, script="rotnet.py", tiny=TINY)
+    # batches of 24; the one-run a uses 2 workers, b none: the worker count must not matter
+    assert_resume_is_exact(lambda out, *args: train(demo, out, "--batch-size", "24", *args), tmp_path, "--workers", "2")
 
 
 def test_torchrun_two_processes(demo, tmp_path):
@@ -76,7 +78,7 @@ def test_torchrun_two_processes(demo, tmp_path):
 
 
 def test_bad_inputs(demo, tmp_path, random_ckpt):
-    assert test_jigsaw.missing_image_error(demo, tmp_path, script="rotnet.py", tiny=TINY).startswith("rotnet.py: error: ")
+    assert_missing_image_refused("rotnet.py", demo, tmp_path, *TINY)
     args = ["--train-list", str(demo / "train_poisoned.txt"), "--out", str(tmp_path / "r")]
     with pytest.raises(rotnet.InputError, match="random.pt: not a rotnet.py checkpoint"):
         rotnet.main([*args, "--resume", str(random_ckpt)])

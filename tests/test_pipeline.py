@@ -1,0 +1,79 @@
+"""The shell pipeline (scripts/quickstart.sh) end to end on tiny data, and the table generator on known metrics."""
+import importlib.util
+import json
+import os
+import subprocess
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("tables", os.path.join(ROOT, "scripts", "tables.py"))
+tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tables)
+
+
+def test_quickstart_runs_every_step_and_skips_finished_ones(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2",
+           "POISON_EXTRA": "--demo-classes 3 --demo-train-per-class 16 --demo-val-per-class 4 --demo-size 32 "
+                           "--val-crop 16 --trigger-size 4 --workers 1",
+           "EXTRA": "--image-size 16 --epochs 1 --batch-size 16 --queue-size 32"}
+    cmd = ["bash", os.path.join(ROOT, "scripts", "quickstart.sh"), "moco", str(tmp_path / "q")]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for kind in ("clean", "poisoned"):
+        metrics = json.load(open(tmp_path / "q" / kind / "probe" / "metrics.json"))
+        assert metrics["method"] == "moco" and metrics["num_classes"] == 3 and metrics["n_patched_nontarget"] == 8
+    table = open(tmp_path / "q" / "table.md").read()
+    assert "| clean model | " in table and "| backdoored model | " in table and "(no metrics.json)" not in table
+    poisoned = json.load(open(tmp_path / "q" / "poisoned" / "probe" / "metrics.json"))
+    assert f"| {poisoned['acc_clean']:.1f} | {poisoned['fp_clean']} | {poisoned['acc_patched']:.1f} |" in table
+    mtime = os.path.getmtime(tmp_path / "q" / "poisoned" / "checkpoint.pt")
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "epoch 1/1" not in again.stdout  # nothing is trained twice
+    assert os.path.getmtime(tmp_path / "q" / "poisoned" / "checkpoint.pt") == mtime
+
+
+def test_quickstart_refuses_an_unknown_method(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "quickstart.sh"), "simclr", str(tmp_path / "x")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown method 'simclr'" in proc.stderr and not os.path.exists(tmp_path / "x")
+
+
+def write_run(folder, acc_clean, fp_clean, acc_patched, fp_patched, seconds=60.0):
+    """A fake run folder: probe/metrics.json and a two-epoch log.jsonl."""
+    os.makedirs(folder / "probe")
+    metrics = {"acc_clean": acc_clean, "fp_clean": fp_clean, "acc_patched": acc_patched, "fp_patched": fp_patched,
+               "asr": 100 * fp_patched / 350, "asr_all": 100 * (fp_patched + 40) / 400, "target": 0,
+               "target_name": "checkerboard", "num_classes": 8, "n_patched_nontarget": 350}
+    json.dump(metrics, open(folder / "probe" / "metrics.json", "w"))
+    with open(folder / "log.jsonl", "w") as f:
+        f.write(json.dumps({"start_epoch": 0, "args": {"image_size": 32}}) + "\n")
+        for epoch in (1, 2):
+            f.write(json.dumps({"epoch": epoch, "seconds": seconds / 2, "images_per_s": 100.0 * epoch}) + "\n")
+
+
+def test_tables_from_known_metrics(tmp_path):
+    for seed, fp in ((0, 70), (1, 140)):
+        write_run(tmp_path / "main" / f"moco_seed{seed}" / "clean", 60.0, 10, 55.0, 12)
+        write_run(tmp_path / "main" / f"moco_seed{seed}" / "poisoned", 58.0, 11, 40.0, fp)
+    pair = tables.pair(tmp_path / "main" / "moco_seed0")
+    assert "| backdoored model | 58.0 | 11 | 40.0 | 70 | 20.0 | 2 | 1.0 min | 150 |" in pair
+    assert "patched-val FP 70 (backdoored) vs 12 (clean model) = 5.8x" in pair and "Shown (at least 3x" in pair
+    near_chance = {"fp_patched": 12, "acc_clean": 20.0, "num_classes": 8}  # 3x the FP, but a model at 20% (chance 12.5%)
+    assert "NOT shown" in tables.verdict(near_chance, {"fp_patched": 36, "acc_clean": 60.0})
+    assert "NOT shown" in tables.verdict({**near_chance, "acc_clean": 60.0}, {"fp_patched": 35, "acc_clean": 60.0})
+    assert "Shown" in tables.verdict({**near_chance, "acc_clean": 60.0}, {"fp_patched": 36, "acc_clean": 60.0})
+    main = tables.main_table(tmp_path / "main")
+    assert "| moco | paper | 49.9 / 23.0 | 47.0 / 22.8 | 50.1 / 27.6 | 42.5 / 461.1 | 9.3 |" in main
+    # two seeds: mean ± sample standard deviation (FP 70 and 140 -> 105.0 ± 49.5; ASR 20 and 40 -> 30.0 ± 14.1)
+    assert ("| moco | ours | 60.0 ± 0.0 / 10.0 ± 0.0 | 55.0 ± 0.0 / 12.0 ± 0.0 | 58.0 ± 0.0 / 11.0 ± 0.0 | "
+            "40.0 ± 0.0 / 105.0 ± 49.5 | 30.0 ± 14.1 | 2 | 2 | 32 | 2.0 min |") in main  # time: both models of one run
+    assert "| byol | ours | (not run) |" in main
+    write_run(tmp_path / "defense" / "teacher", 58.0, 11, 40.0, 70)
+    write_run(tmp_path / "defense" / "student_5pct", 30.0, 9, 28.0, 15)
+    defense = tables.defense_table(tmp_path / "defense")
+    assert "| CompReSS student, 5% clean data (ours) | 30.0 | 9 | 28.0 | 15 | 4.3 | 1.0 min |" in defense
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- BEGIN defense -->\nold\n<!-- END defense -->\noutro\n")
+    tables.readme(str(readme), str(tmp_path))
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n<!-- BEGIN defense -->\n| model |") and text.endswith("outro\n")
