@@ -30,8 +30,8 @@ if [ "$PRESET" = demo ]; then
     moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 1024 --m 0.99" ;;
     byol)   FLAGS="--epochs 20 --batch-size 128 --warmup-iters 36 --drop" ;;
     msf)    FLAGS="--epochs 20 --batch-size 128 --bank-size 1536" ;;
-    jigsaw) FLAGS="--epochs 10 --batch-size 64 --num-perms 100" ;;
-    rotnet) FLAGS="--epochs 10 --batch-size 64" ;;
+    jigsaw) FLAGS="--epochs 4 --batch-size 64 --num-perms 100" ;;
+    rotnet) FLAGS="--epochs 6 --batch-size 64" ;;
     mae)    FLAGS="--epochs 30 --batch-size 128 --patch-size 4 --width 128 --depth 4 --heads 4 --decoder-width 64 \
                    --decoder-depth 2 --decoder-heads 4 --blr 2e-3 --warmup-epochs 3" ;;
   esac
