@@ -2,8 +2,8 @@
 # Training throughput of every trainer on the same input: images/s (source images per second, from each script's own
 # log.jsonl, mean over the epochs after the first) and, on a GPU, the peak memory, with and without bf16 autocast.
 #   bash scripts/benchmark.sh [OUT]        environment: SIZE (32 on CPU, 224 on GPU), BATCH (64 / 256), IMAGES, EPOCHS
-# The data are poison.py's demo images at SIZE px; ResNet-18 for the ResNet methods, ViT-B/16 (MAE) at 224 px and a
-# 4 px-patch ViT-Tiny at small sizes. Results: OUT/benchmark.md.
+# The data are poison.py's demo images at SIZE px; ResNet-18 for the ResNet methods, ViT-B/16 (MAE) at 224 px and
+# the quickstart's 4-block ViT with 4 px patches at small sizes. Results: OUT/benchmark.md.
 set -euo pipefail
 OUT=${1:-runs/benchmark}
 PY=${PYTHON:-python3}
@@ -16,7 +16,8 @@ EPOCHS=${EPOCHS:-2}
   --demo-val-per-class 2 --demo-size $(( SIZE * 8 / 7 )) --val-crop "$SIZE"
 L="$OUT/data/train_clean.txt"
 COMMON="--train-list $L --image-size $SIZE --batch-size $BATCH --epochs $EPOCHS --workers $WORKERS --save-every 1000"
-if [ "$SIZE" -ge 128 ]; then MAE="--patch-size 16"; else MAE="--model tiny --patch-size 4"; fi
+if [ "$SIZE" -ge 128 ]; then MAE="--patch-size 16"  # ViT-B/16 and the default decoder
+else MAE="--patch-size 4 --width 128 --depth 4 --heads 4 --decoder-width 64 --decoder-depth 2 --decoder-heads 4"; fi  # the demo preset
 N=$(( 8 * IMAGES ))
 declare -A FLAGS=(
   [moco]="--queue-size $(( BATCH * (N / BATCH) ))" [byol]="--warmup-iters 1 --drop" [msf]="--bank-size $(( BATCH * (N / BATCH) ))"

@@ -12,7 +12,7 @@ from PIL import Image
 def make_jpegs(root, n=2000, classes=10, seed=0):
     rng = np.random.default_rng(seed)
     for i in range(n):
-        split = "val" if i % 10 == 9 else "train"
+        split = "val" if (i // classes) % 10 == 9 else "train"  # every 10th image of each class
         folder = os.path.join(root, split, f"class{i % classes:02d}")
         os.makedirs(folder, exist_ok=True)
         w, h = rng.integers(300, 501, 2)
