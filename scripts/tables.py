@@ -91,13 +91,18 @@ def pair(run):
 
 
 def verdict(clean, backdoored):
-    """Does the run show the paper's effect: patched-val FP of the backdoored model at least 3x the clean model's?"""
+    """Does the run show the paper's effect? The backdoored model's patched-val FP is at least 3x the clean model's
+    and at least 5% of the non-target images more (paper, MoCo v2: 461.1 vs 22.8 of 4,950 = 20x and 8.9% more), and
+    both models are well above chance (at least twice chance accuracy on clean val)."""
     ratio = backdoored["fp_patched"] / max(clean["fp_patched"], 1)
-    shown = ratio >= 3 and min(clean["acc_clean"], backdoored["acc_clean"]) >= 2 * 100 / clean["num_classes"]
+    extra = 100 * (backdoored["fp_patched"] - clean["fp_patched"]) / clean["n_patched_nontarget"]
+    shown = (ratio >= 3 and extra >= 5 and
+             min(clean["acc_clean"], backdoored["acc_clean"]) >= 2 * 100 / clean["num_classes"])
     return (f"Backdoor effect: patched-val FP {backdoored['fp_patched']} (backdoored) vs {clean['fp_patched']} (clean "
-            f"model) = {ratio:.1f}x (paper, MoCo v2 on ImageNet-100: 461.1 vs 22.8 = 20x). " +
-            ("Shown (at least 3x, both models well above chance)." if shown else
-             "NOT shown (below 3x, or a model near chance): at this budget the numbers do not reproduce the paper."))
+            f"model) = {ratio:.1f}x, {extra:+.1f}% of the non-target images (paper, MoCo v2 on ImageNet-100: 20x, "
+            f"+8.9%). " + ("Shown (at least 3x and +5%, both models well above chance)." if shown else
+                          "NOT shown (needs at least 3x and +5%, both models well above chance): at this budget the "
+                          "numbers do not reproduce the paper."))
 
 
 def runs_of(root, method):

@@ -57,11 +57,12 @@ def test_tables_from_known_metrics(tmp_path):
         write_run(tmp_path / "main" / f"moco_seed{seed}" / "poisoned", 58.0, 11, 40.0, fp)
     pair = tables.pair(tmp_path / "main" / "moco_seed0")
     assert "| backdoored model | 58.0 | 11 | 40.0 | 70 | 20.0 | 2 | 1.0 min | 150 |" in pair
-    assert "patched-val FP 70 (backdoored) vs 12 (clean model) = 5.8x" in pair and "Shown (at least 3x" in pair
-    near_chance = {"fp_patched": 12, "acc_clean": 20.0, "num_classes": 8}  # 3x the FP, but a model at 20% (chance 12.5%)
-    assert "NOT shown" in tables.verdict(near_chance, {"fp_patched": 36, "acc_clean": 60.0})
-    assert "NOT shown" in tables.verdict({**near_chance, "acc_clean": 60.0}, {"fp_patched": 35, "acc_clean": 60.0})
-    assert "Shown" in tables.verdict({**near_chance, "acc_clean": 60.0}, {"fp_patched": 36, "acc_clean": 60.0})
+    assert "patched-val FP 70 (backdoored) vs 12 (clean model) = 5.8x, +16.6%" in pair and "Shown (at least 3x" in pair
+    clean = {"fp_patched": 12, "acc_clean": 60.0, "num_classes": 8, "n_patched_nontarget": 350}
+    assert "Shown" in tables.verdict(clean, {"fp_patched": 36, "acc_clean": 60.0})  # 3x and +6.9%
+    assert "NOT shown" in tables.verdict({**clean, "acc_clean": 20.0}, {"fp_patched": 36, "acc_clean": 60.0})  # chance 12.5
+    assert "NOT shown" in tables.verdict(clean, {"fp_patched": 35, "acc_clean": 60.0})  # 2.9x
+    assert "NOT shown" in tables.verdict({**clean, "fp_patched": 0}, {"fp_patched": 4, "acc_clean": 60.0})  # 4x, +1.1%
     main = tables.main_table(tmp_path / "main")
     assert "| moco | paper | 49.9 / 23.0 | 47.0 / 22.8 | 50.1 / 27.6 | 42.5 / 461.1 | 9.3 |" in main
     # two seeds: mean ± sample standard deviation (FP 70 and 140 -> 105.0 ± 49.5; ASR 20 and 40 -> 30.0 ± 14.1)
