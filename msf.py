@@ -172,7 +172,7 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not readable with torch.load(weights_only=True): {str(e).splitlines()[0]}") from None
+        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")

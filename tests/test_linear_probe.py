@@ -113,7 +113,8 @@ def test_bad_inputs(demo, random_ckpt, tmp_path):
     torch.save({"weights": torch.zeros(3)}, bad)
     assert "not an encoder checkpoint" in error_of(probe(demo, bad, tmp_path / "o", check=False))
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert "weights_only" in error_of(probe(demo, tmp_path / "junk.pt", tmp_path / "o", check=False))
+    line = error_of(probe(demo, tmp_path / "junk.pt", tmp_path / "o", check=False))
+    assert "junk.pt: not a checkpoint (torch.load with weights_only=True failed" in line
     assert "--target 7" in error_of(probe(demo, random_ckpt, tmp_path / "o", "--target", "7", check=False))
     big = write_checkpoint(tmp_path / "big.pt", image_size=32)
     assert "patched image is 16x16" in error_of(probe(demo, big, tmp_path / "o", check=False))
