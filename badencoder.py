@@ -441,8 +441,8 @@ def main(argv=None):
             total += torch.stack([loss, l0, l1, l2]).detach()
             if (step + 1) % args.log_every == 0 and not torch.isfinite(total).all():  # the only host sync in the loop
                 sys.exit(f"badencoder.py: error: loss is {total[0].item()} at epoch {epoch} step {step}; lower --lr")
+        loss, l0, l1, l2 = (total / len(loader)).tolist()  # waits for the GPU: the time below covers all of the epoch's work
         seconds = time.time() - t0
-        loss, l0, l1, l2 = (total / len(loader)).tolist()
         record = {"epoch": epoch + 1, "loss": loss, "l0": l0, "l1": l1, "l2": l2, "lr": args.lr, "seconds": seconds,
                   "images_per_s": len(loader) * args.batch_size / seconds,
                   "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}

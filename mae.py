@@ -434,8 +434,9 @@ def main(argv=None):
             total += loss.detach()
             if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
                 sys.exit(f"mae.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --blr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
         seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr_now, "seconds": seconds,
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr_now, "seconds": seconds,
                   "images_per_s": len(loader) * args.batch_size / seconds,
                   "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         if not math.isfinite(record["loss"]):

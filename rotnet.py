@@ -328,8 +328,9 @@ def main(argv=None):
             correct += hits
             if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
                 sys.exit(f"rotnet.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
         seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": total.item() / len(loader), "lr": lr, "seconds": seconds,
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
                   "images_per_s": len(loader) * args.batch_size / seconds,  # source images, not rotated samples
                   "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                   "pretext_acc": 100.0 * correct.item() / (4 * len(loader) * args.batch_size // world)}  # this process

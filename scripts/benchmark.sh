@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training throughput of every trainer on the same input: images/s (source images per second, from each script's own
 # log.jsonl, mean over the epochs after the first) and, on a GPU, the peak memory, with and without bf16 autocast.
-#   bash scripts/benchmark.sh [OUT]        environment: SIZE (32 on CPU, 224 on GPU), BATCH (64 / 256), IMAGES, EPOCHS
+#   bash scripts/benchmark.sh [OUT]   environment: SIZE (32 on CPU, 224 on GPU), BATCH (64 / 256), IMAGES per class
+#   (32 / 128), EPOCHS (2 / 3), WORKERS (0 / 12), SCRIPTS (all trainers; compress_defense and badencoder need moco)
 # The data are poison.py's demo images at SIZE px; ResNet-18 for the ResNet methods, ViT-B/16 (MAE) at 224 px and
 # the quickstart's 4-block ViT with 4 px patches at small sizes. Results: OUT/benchmark.md.
 set -euo pipefail
@@ -9,9 +10,10 @@ OUT=${1:-runs/benchmark}
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
-if [ "$GPU" = 1 ]; then SIZE=${SIZE:-224}; BATCH=${BATCH:-256}; IMAGES=${IMAGES:-40}; WORKERS=8; AMPS="--amp --no-amp"
+if [ "$GPU" = 1 ]; then SIZE=${SIZE:-224}; BATCH=${BATCH:-256}; IMAGES=${IMAGES:-128}; WORKERS=${WORKERS:-12}; AMPS="--amp --no-amp"
 else SIZE=${SIZE:-32}; BATCH=${BATCH:-64}; IMAGES=${IMAGES:-32}; WORKERS=0; AMPS="--no-amp"; fi
-EPOCHS=${EPOCHS:-2}
+EPOCHS=${EPOCHS:-$(( GPU ? 3 : 2 ))}
+SCRIPTS=${SCRIPTS:-"moco byol msf jigsaw rotnet mae compress_defense badencoder"}
 [ -f "$OUT/data/poison.json" ] || $PY poison.py --out "$OUT/data" --demo-classes 8 --demo-train-per-class "$IMAGES" \
   --demo-val-per-class 2 --demo-size $(( SIZE * 8 / 7 )) --val-crop "$SIZE"
 L="$OUT/data/train_clean.txt"
@@ -28,7 +30,7 @@ declare -A FLAGS=(
 head -n 1 "$L" | sed "s|^|$(cd "$OUT/data" && pwd)/|" > "$OUT/ref.txt"
 echo "| script | amp | input | batch | images/s | peak GPU MiB |" > "$OUT/benchmark.md"
 echo "|---|---|---|---|---|---|" >> "$OUT/benchmark.md"
-for S in moco byol msf jigsaw rotnet mae compress_defense badencoder; do
+for S in $SCRIPTS; do
   for AMP in $AMPS; do
     D="$OUT/${S}_$AMP"
     [ -f "$D/log.jsonl" ] || $PY $S.py $COMMON ${FLAGS[$S]} $AMP --out "$D" > "$D.log" 2>&1 || { echo "$S $AMP failed, see $D.log"; continue; }
