@@ -53,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--labeled-fractions", default="0.01,0.05,0.1,0.25", help="comma-separated per-class fractions of clean subsets")
     p.add_argument("--jpeg-quality", type=int, default=75, help="quality of re-encoded JPEG poisons (PIL's default 75, as in the reference)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for image work")
-    p.add_argument("--demo-classes", type=int, default=8, help="demo: number of texture classes (at most %d)" % 10)
+    p.add_argument("--demo-classes", default=",".join(DEMO_DEFAULT),
+                   help="demo: comma-separated texture class names, or N for the first N of all 10 (default: the 8 "
+                        "that do not resemble the checkered trigger)")
     p.add_argument("--demo-train-per-class", type=int, default=300, help="demo: train images per class")
     p.add_argument("--demo-val-per-class", type=int, default=50, help="demo: val images per class")
     p.add_argument("--demo-size", type=int, default=64, help="demo: image side in pixels")
@@ -74,7 +76,10 @@ DEMO_PERIOD = (12.0, 20.0)  # range of the pattern period, in pixels of a 64 px 
 DEMO_TINT = 0.3  # strength of the random colour tint (saturated random colours made MoCo learn colour, not texture)
 DEMO_OBJECT = (0.5, 0.8)  # --demo-layout object: side of the textured rectangle, fraction of the image side
 DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_diagonal", "stripes_horizontal",
-                "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N
+                "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N, or give names
+# The default leaves out checkerboard and grid: the HTBA trigger is a checkered patch, and with them in the data the
+# patched images of every model go to grid or checkerboard, so no backdoor effect can show (README, "Demo data").
+DEMO_DEFAULT = tuple(c for c in DEMO_CLASSES if c not in ("checkerboard", "grid"))
 
 
 def demo_image(cls, size, rng, layout="fill"):
@@ -139,13 +144,28 @@ def demo_job(job):
     Image.fromarray(demo_image(cls, size, np.random.default_rng(seed), layout)).save(path)
 
 
+def demo_classes(spec):
+    """--demo-classes: "N" (the first N of DEMO_CLASSES) or "name,name,..."; returned in DEMO_CLASSES order."""
+    if spec.strip().isdigit():
+        n = int(spec)
+        if not 2 <= n <= len(DEMO_CLASSES):
+            fail(f"--demo-classes must be between 2 and {len(DEMO_CLASSES)}")
+        return list(DEMO_CLASSES[:n])
+    names = [c.strip() for c in spec.split(",") if c.strip()]
+    unknown = [c for c in names if c not in DEMO_CLASSES]
+    if unknown:
+        fail(f"--demo-classes: unknown class '{unknown[0]}' (known: {', '.join(DEMO_CLASSES)})")
+    if len(set(names)) < 2:
+        fail("--demo-classes: give at least two different classes")
+    return [c for c in DEMO_CLASSES if c in names]
+
+
 def make_demo_data(root, args, pool):
-    if not 2 <= args.demo_classes <= len(DEMO_CLASSES):
-        fail(f"--demo-classes must be between 2 and {len(DEMO_CLASSES)}")
     jobs = []
     for split, n in (("train", args.demo_train_per_class), ("val", args.demo_val_per_class)):
-        for c, cls in enumerate(DEMO_CLASSES[: args.demo_classes]):
+        for cls in demo_classes(args.demo_classes):
             os.makedirs(os.path.join(root, split, cls))
+            c = DEMO_CLASSES.index(cls)  # a class's images do not depend on which other classes are chosen
             for i in range(n):  # one seed per image: the same data whatever the number of workers
                 seed = [args.seed, 0 if split == "train" else 1, c, i]
                 jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, args.demo_layout, seed))
@@ -269,6 +289,8 @@ def main(argv=None):
     fractions = [float(f) for f in args.labeled_fractions.split(",") if f.strip()]
     if any(not 0 < f <= 1 for f in fractions):
         fail("--labeled-fractions must lie in (0, 1]")
+    if demo:
+        demo_classes(args.demo_classes)  # check it before anything is written
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         fail(f"{out} exists; pass --overwrite to replace it")
@@ -296,7 +318,7 @@ def build(args, tmp, out, pool, trigger, demo, crop, resize, size, fractions):
     root = os.path.join(tmp, "demo_data") if demo else os.path.abspath(args.data_root)
     if demo:
         make_demo_data(root, args, pool)
-        classes = sorted(DEMO_CLASSES[: args.demo_classes])
+        classes = sorted(demo_classes(args.demo_classes))
     else:
         if not os.path.isdir(os.path.join(root, "train")):
             fail(f"{root}: no train/ folder (expected train/<class>/* and val/<class>/*)")

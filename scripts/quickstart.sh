@@ -21,8 +21,8 @@ case $METHOD in moco|byol|msf|jigsaw|rotnet|mae) ;;
 
 if [ "$PRESET" = demo ]; then
   # Built-in demo data (poison.py without --data-root): 8 texture classes, 300 train / 50 val images of 64 px each,
-  # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 10 px wide.
-  DATA_FLAGS="--rate 1.0 --trigger-size 10"
+  # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 14 px wide.
+  DATA_FLAGS="--rate 1.0 --trigger-size 14"
   PROBE_LIST=train_labeled_10pct.txt
   # The same CLI for every method; only the budget-dependent values differ from the paper's recipes.
   COMMON="--image-size 32 --workers 0 --save-every 5"

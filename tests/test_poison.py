@@ -103,6 +103,23 @@ def test_same_seed_identical_other_seed_differs(tmp_path, demo):
     assert any(differs)
 
 
+def test_demo_classes_by_name_give_the_same_images(tmp_path, demo):
+    args = [a for a in TINY if a != "3"]  # TINY without "--demo-classes 3"
+    args.remove("--demo-classes")
+    poison.main(["--out", str(tmp_path / "named"), "--target", "dots", "--demo-classes", "dots,checkerboard", *args])
+    meta = json.loads((tmp_path / "named" / "poison.json").read_text())
+    assert meta["classes"] == ["checkerboard", "dots"] and meta["target"]["index"] == 1
+    for split in ("train", "val"):
+        for cls in ("checkerboard", "dots"):
+            old, new = demo / "demo_data" / split / cls, tmp_path / "named" / "demo_data" / split / cls
+            names = sorted(os.listdir(old))
+            assert names == sorted(os.listdir(new))
+            assert all(filecmp.cmp(old / n, new / n, shallow=False) for n in names)  # independent of the other classes
+    assert not (tmp_path / "named" / "demo_data" / "train" / "crosses").exists()
+    line = error_of(run("poison.py", "--out", tmp_path / "bad", "--demo-classes", "dots,zebra", check=False))
+    assert "unknown class 'zebra'" in line and not (tmp_path / "bad").exists()
+
+
 def test_lists_resolve_after_moving_the_folder(tmp_path, demo):
     moved = tmp_path / "elsewhere" / "moved"
     shutil.copytree(demo, moved)
