@@ -26,6 +26,7 @@ PAPER = {
     "rotnet": (20.3, 47.6, 17.4, 48.8, 20.3, 48.5, 13.7, 62.8),
     "mae": (64.2, 25.2, 54.9, 13.0, 64.6, 22.0, 55.0, 81.8),
 }
+METHOD_NAMES = {"moco": "MoCo v2", "byol": "BYOL", "msf": "MSF", "jigsaw": "Jigsaw", "rotnet": "RotNet", "mae": "MAE"}
 PAPER_DEFENSE = {"teacher": (50.1, 26.2, 31.8, 1683.2), "25": (44.6, 34.5, 42.0, 37.9), "10": (38.3, 40.5, 35.7, 44.8),
                  "5": (32.1, 41.0, 29.4, 53.7)}
 METHODS = ["moco", "byol", "msf", "jigsaw", "rotnet", "mae"]
@@ -154,6 +155,8 @@ def defense_table(root):
         if p:
             rows.append(f"| {label} (paper) | {p[0]} | {p[1]} | {p[2]} | {p[3]} | {100 * p[3] / 4950:.1f} | |")
         if m:
+            if name == "teacher" and m.get("method"):  # ours may be another method's model (reproduce.sh: DEFENSE_TEACHER)
+                label = f"poisoned {METHOD_NAMES.get(m['method'], m['method'])} teacher"
             t = train_log(folder)
             rows.append(f"| {label} (ours) | {m['acc_clean']:.1f} | {m['fp_clean']} | {m['acc_patched']:.1f} | "
                         f"{m['fp_patched']} | {m['asr']:.1f} | {minutes(t[1]) if t else '-'} |")

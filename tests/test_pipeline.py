@@ -38,12 +38,14 @@ def test_quickstart_refuses_an_unknown_method(tmp_path):
     assert proc.returncode == 2 and "unknown method 'simclr'" in proc.stderr and not os.path.exists(tmp_path / "x")
 
 
-def write_run(folder, acc_clean, fp_clean, acc_patched, fp_patched, seconds=60.0):
+def write_run(folder, acc_clean, fp_clean, acc_patched, fp_patched, seconds=60.0, method=None):
     """A fake run folder: probe/metrics.json and a two-epoch log.jsonl."""
     os.makedirs(folder / "probe")
     metrics = {"acc_clean": acc_clean, "fp_clean": fp_clean, "acc_patched": acc_patched, "fp_patched": fp_patched,
                "asr": 100 * fp_patched / 350, "asr_all": 100 * (fp_patched + 40) / 400, "target": 0,
                "target_name": "checkerboard", "num_classes": 8, "n_patched_nontarget": 350}
+    if method:
+        metrics["method"] = method
     json.dump(metrics, open(folder / "probe" / "metrics.json", "w"))
     with open(folder / "log.jsonl", "w") as f:
         f.write(json.dumps({"start_epoch": 0, "args": {"image_size": 32}}) + "\n")
@@ -69,9 +71,11 @@ def test_tables_from_known_metrics(tmp_path):
     assert ("| moco | ours | 60.0 ± 0.0 / 10.0 ± 0.0 | 55.0 ± 0.0 / 12.0 ± 0.0 | 58.0 ± 0.0 / 11.0 ± 0.0 | "
             "40.0 ± 0.0 / 105.0 ± 49.5 | 30.0 ± 14.1 | 2 | 2 | 32 | 2.0 min |") in main  # time: both models of one run
     assert "| byol | ours | (not run) |" in main
-    write_run(tmp_path / "defense" / "teacher", 58.0, 11, 40.0, 70)
+    write_run(tmp_path / "defense" / "teacher", 58.0, 11, 40.0, 70, method="byol")
     write_run(tmp_path / "defense" / "student_5pct", 30.0, 9, 28.0, 15)
     defense = tables.defense_table(tmp_path / "defense")
+    assert "| poisoned MoCo v2 teacher (paper) | 50.1 |" in defense  # the paper's teacher, and ours by its method
+    assert "| poisoned BYOL teacher (ours) | 58.0 | 11 | 40.0 | 70 | 20.0 | 1.0 min |" in defense
     assert "| CompReSS student, 5% clean data (ours) | 30.0 | 9 | 28.0 | 15 | 4.3 | 1.0 min |" in defense
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- BEGIN defense -->\nold\n<!-- END defense -->\noutro\n")
