@@ -27,7 +27,7 @@ if [ "$PRESET" = demo ]; then
   # The same CLI for every method; only the budget-dependent values differ from the paper's recipes.
   COMMON="--image-size 32 --workers 0 --save-every 5"
   case $METHOD in
-    moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 1024 --m 0.99" ;;
+    moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 128 --m 0.99" ;;  # K = one batch: README, "Quickstart"
     byol)   FLAGS="--epochs 20 --batch-size 128 --warmup-iters 36 --drop" ;;
     msf)    FLAGS="--epochs 20 --batch-size 128 --bank-size 1536" ;;
     jigsaw) FLAGS="--epochs 4 --batch-size 64 --num-perms 100" ;;
