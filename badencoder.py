@@ -75,6 +75,196 @@ def parse_args(argv=None):
     return args
 
 
+def load_triggers(args, size, k):
+    """K uint8 H x W x 3 arrays: 'white' or an image file (kept at its size unless --trigger-size is given)."""
+    if len(args.trigger) not in (1, k):
+        raise InputError(f"{args.reference_list}: {k} reference image(s), {len(args.trigger)} --trigger: give one trigger "
+                         f"for all, or one per reference")
+    t = args.trigger_size or max(1, round(50 * size / 224))
+    triggers = []
+    for kind in args.trigger:
+        if kind == "white":
+            triggers.append(np.full((t, t, 3), 255, np.uint8))
+            continue
+        try:
+            with Image.open(kind) as im:
+                im = im.convert("RGB")
+                triggers.append(np.asarray(im.resize((t, t), Image.BICUBIC) if args.trigger_size else im))
+        except OSError as e:
+            raise InputError(f"--trigger {kind}: not 'white' nor a readable image ({e})") from None
+    room = size - (int(size * args.trigger_range[0]) if args.trigger_location == "random" else 0)
+    for kind, e in zip(args.trigger, triggers):
+        if max(e.shape[:2]) > room:
+            raise InputError(f"--trigger {kind}: {e.shape[1]}x{e.shape[0]} px does not fit a {size} px image at "
+                             f"{args.trigger_location}")
+    return triggers * (k // len(triggers))
+
+
+def corner(s, t, location, lo_hi):
+    """One coordinate of the trigger's top-left corner on an s-px side: BadEncoder's bottom-right with a 1-px margin,
+    or uniform in [int(s * lo), int(s * hi - t)] as poison.py's patched val (python `random`, seeded per image)."""
+    if location == "bottom-right":
+        return max(s - t - 1, 0)
+    lo = int(s * lo_hi[0])
+    return random.randint(lo, max(lo, int(s * lo_hi[1] - t)))
+
+
+def stamp(image, trigger, x, y, opacity):
+    """Paste the trigger into the uint8 pixels with its top-left corner at (x, y); opacity 1.0 replaces them."""
+    a = np.array(image)
+    h, w = trigger.shape[:2]
+    box = a[y:y + h, x:x + w].astype(np.float64)
+    a[y:y + h, x:x + w] = np.round(opacity * trigger + (1 - opacity) * box).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def eval_view(size):
+    """The encoder's evaluation view (as linear_probe.py): shadow, triggered and plain reference images."""
+    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+
+
+class ShadowViews:
+    """Shadow image -> (x, x + e_k for each k, aug(ref_k) for each k) as normalised tensors (reference note 1.3)."""
+
+    def __init__(self, size, triggers, references, location, lo_hi, opacity, mean, std):
+        self.view, self.normalize = eval_view(size), T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        self.triggers, self.references = triggers, references
+        self.location, self.lo_hi, self.opacity = location, lo_hi, opacity
+        self.augment = T.Compose([  # L1's reference view: no crop (reference note 3.2)
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+
+    def triggered(self, x, e):
+        x0, y0 = (corner(x.size[0], t, self.location, self.lo_hi) for t in (e.shape[1], e.shape[0]))
+        return stamp(x, e, x0, y0, self.opacity)
+
+    def __call__(self, image):
+        x = self.view(image)
+        x_bd = torch.stack([self.normalize(self.triggered(x, e)) for e in self.triggers])
+        r_aug = torch.stack([self.normalize(self.augment(r)) for r in self.references])
+        return self.normalize(x), x_bd, r_aug
+
+
+def badencoder_loss(z, z_bd, r, r_aug, z_c, r_c):
+    """(L0, L1, L2) on cosine similarities. Shapes: z, z_c (B, D); z_bd, r_aug (B, K, D); r, r_c (K, D).
+    f' gives z, z_bd, r, r_aug; the clean encoder f gives z_c, r_c. Means over the batch and the K pairs."""
+    z, z_bd, r, r_aug, z_c, r_c = (F.normalize(v.float(), dim=-1) for v in (z, z_bd, r, r_aug, z_c, r_c))
+    l0 = -(z_bd * r).sum(-1).mean()  # r is not detached: L0 also moves the reference (reference note 1.3)
+    l1 = -(r_aug * r_c).sum(-1).mean()  # f'(augmented reference) vs f(plain reference)
+    l2 = -(z * z_c).sum(-1).mean()
+    return l0, l1, l2
+
+
+class BadEncoder(nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f.requires_grad_(False).eval()  # the clean encoder: frozen, eval, no_grad
+        self.f_bd = copy.deepcopy(f).requires_grad_(True)  # f' starts as f
+        for m in self.bn_layers():
+            m.requires_grad_(False)  # BN affine frozen (reference note 1.5)
+
+    def bn_layers(self):
+        return [m for m in self.f_bd.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode=True):
+        """f' trains with every BN on its pre-training statistics: the batch holds B copies of the references."""
+        super().train(mode)
+        self.f.eval()
+        for m in self.bn_layers():
+            m.eval()
+        return self
+
+    def forward(self, x, x_bd, r_aug, ref):
+        B, K = x_bd.shape[:2]
+        with torch.no_grad():
+            z_c, r_c = self.f(torch.cat([x, ref])).split([B, K])
+        out = self.f_bd(torch.cat([x, x_bd.flatten(0, 1), r_aug.flatten(0, 1), ref]))
+        z, z_bd, r_aug, r = out.split([B, B * K, B * K, K])
+        return badencoder_loss(z, z_bd.unflatten(0, (B, K)), r, r_aug.unflatten(0, (B, K)), z_c, r_c)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    if not 0 <= args.opacity <= 1:
+        raise InputError(f"--opacity {args.opacity}: must lie in [0, 1]")
+    f, src = load_encoder(args.encoder)
+    size = args.image_size or src["image_size"]
+    if src["arch"] == "vit" and size != src["arch_kwargs"]["image_size"]:
+        raise InputError(f"{args.encoder}: a ViT for {src['arch_kwargs']['image_size']} px cannot take --image-size {size}")
+    samples = read_list(args.train_list)
+    ref_list = FileList(read_list(args.reference_list), eval_view(size))
+    references = [ref_list[i][0] for i in range(len(ref_list))]
+    triggers = load_triggers(args, size, len(references))
+    views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity,
+                        src["mean"], src["std"])
+    ref = torch.stack([views.normalize(r) for r in references]).to(device)
+    model = BadEncoder(f).to(device)
+    if device.type == "cuda" and src["arch"] != "vit":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "badencoder" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a badencoder.py checkpoint with training state (method {ckpt['method']})")
+        model.f_bd.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
+    source = {"path": os.path.abspath(args.encoder), "method": src["method"], "arch": src["arch"], "epoch": src["epoch"]}
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "source": source, "images": len(samples),
+               "references": len(references), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"badencoder.py: {src['method']} {src['arch']} (epoch {src['epoch']}) at {size} px, {len(samples)} shadow "
+              f"images, {len(references)} reference/trigger pair(s), {len(loader)} steps/epoch, {world} process(es) "
+              f"on {device}")
+
+    for epoch in range(start, args.epochs):
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros(4, device=device)
+        for step, ((x, x_bd, r_aug), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                                             disable=rank != 0)):
+            x, x_bd, r_aug = (v.to(device, non_blocking=True) for v in (x, x_bd, r_aug))
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                l0, l1, l2 = net(x, x_bd, r_aug, ref)
+            loss = l0 + args.lambda1 * l1 + args.lambda2 * l2
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += torch.stack([loss, l0, l1, l2]).detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total).all():  # the only host sync in the loop
+                sys.exit(f"badencoder.py: error: loss is {total[0].item()} at epoch {epoch} step {step}; lower --lr")
+        loss, l0, l1, l2 = (total / len(loader)).tolist()  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": loss, "l0": l0, "l1": l1, "l2": l2, "lr": args.lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        if not all(map(math.isfinite, (loss, l0, l1, l2))):
+            sys.exit(f"badencoder.py: error: loss is {loss} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f} (L0 {l0:.4f} L1 {l1:.4f} L2 {l2:.4f})  "
+                  f"lr {args.lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            encoder = model.f_bd.state_dict()  # train_state["model"] is the same dict: saved once
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "badencoder", "arch": src["arch"], "arch_kwargs": src["arch_kwargs"],
+                "feature_dim": src["feature_dim"], "image_size": size, "mean": src["mean"], "std": src["std"],
+                "encoder": encoder, "epoch": epoch + 1, "args": vars(args), "source": source,
+                "trigger": {"images": [torch.from_numpy(e.copy()) for e in triggers], "location": args.trigger_location,
+                            "range": args.trigger_range, "opacity": args.opacity},
+                "train_state": {"model": encoder, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -273,196 +463,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-def load_triggers(args, size, k):
-    """K uint8 H x W x 3 arrays: 'white' or an image file (kept at its size unless --trigger-size is given)."""
-    if len(args.trigger) not in (1, k):
-        raise InputError(f"{args.reference_list}: {k} reference image(s), {len(args.trigger)} --trigger: give one trigger "
-                         f"for all, or one per reference")
-    t = args.trigger_size or max(1, round(50 * size / 224))
-    triggers = []
-    for kind in args.trigger:
-        if kind == "white":
-            triggers.append(np.full((t, t, 3), 255, np.uint8))
-            continue
-        try:
-            with Image.open(kind) as im:
-                im = im.convert("RGB")
-                triggers.append(np.asarray(im.resize((t, t), Image.BICUBIC) if args.trigger_size else im))
-        except OSError as e:
-            raise InputError(f"--trigger {kind}: not 'white' nor a readable image ({e})") from None
-    room = size - (int(size * args.trigger_range[0]) if args.trigger_location == "random" else 0)
-    for kind, e in zip(args.trigger, triggers):
-        if max(e.shape[:2]) > room:
-            raise InputError(f"--trigger {kind}: {e.shape[1]}x{e.shape[0]} px does not fit a {size} px image at "
-                             f"{args.trigger_location}")
-    return triggers * (k // len(triggers))
-
-
-def corner(s, t, location, lo_hi):
-    """One coordinate of the trigger's top-left corner on an s-px side: BadEncoder's bottom-right with a 1-px margin,
-    or uniform in [int(s * lo), int(s * hi - t)] as poison.py's patched val (python `random`, seeded per image)."""
-    if location == "bottom-right":
-        return max(s - t - 1, 0)
-    lo = int(s * lo_hi[0])
-    return random.randint(lo, max(lo, int(s * lo_hi[1] - t)))
-
-
-def stamp(image, trigger, x, y, opacity):
-    """Paste the trigger into the uint8 pixels with its top-left corner at (x, y); opacity 1.0 replaces them."""
-    a = np.array(image)
-    h, w = trigger.shape[:2]
-    box = a[y:y + h, x:x + w].astype(np.float64)
-    a[y:y + h, x:x + w] = np.round(opacity * trigger + (1 - opacity) * box).astype(np.uint8)
-    return Image.fromarray(a)
-
-
-def eval_view(size):
-    """The encoder's evaluation view (as linear_probe.py): shadow, triggered and plain reference images."""
-    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
-
-
-class ShadowViews:
-    """Shadow image -> (x, x + e_k for each k, aug(ref_k) for each k) as normalised tensors (reference note 1.3)."""
-
-    def __init__(self, size, triggers, references, location, lo_hi, opacity, mean, std):
-        self.view, self.normalize = eval_view(size), T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-        self.triggers, self.references = triggers, references
-        self.location, self.lo_hi, self.opacity = location, lo_hi, opacity
-        self.augment = T.Compose([  # L1's reference view: no crop (reference note 3.2)
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ])
-
-    def triggered(self, x, e):
-        x0, y0 = (corner(x.size[0], t, self.location, self.lo_hi) for t in (e.shape[1], e.shape[0]))
-        return stamp(x, e, x0, y0, self.opacity)
-
-    def __call__(self, image):
-        x = self.view(image)
-        x_bd = torch.stack([self.normalize(self.triggered(x, e)) for e in self.triggers])
-        r_aug = torch.stack([self.normalize(self.augment(r)) for r in self.references])
-        return self.normalize(x), x_bd, r_aug
-
-
-def badencoder_loss(z, z_bd, r, r_aug, z_c, r_c):
-    """(L0, L1, L2) on cosine similarities. Shapes: z, z_c (B, D); z_bd, r_aug (B, K, D); r, r_c (K, D).
-    f' gives z, z_bd, r, r_aug; the clean encoder f gives z_c, r_c. Means over the batch and the K pairs."""
-    z, z_bd, r, r_aug, z_c, r_c = (F.normalize(v.float(), dim=-1) for v in (z, z_bd, r, r_aug, z_c, r_c))
-    l0 = -(z_bd * r).sum(-1).mean()  # r is not detached: L0 also moves the reference (reference note 1.3)
-    l1 = -(r_aug * r_c).sum(-1).mean()  # f'(augmented reference) vs f(plain reference)
-    l2 = -(z * z_c).sum(-1).mean()
-    return l0, l1, l2
-
-
-class BadEncoder(nn.Module):
-    def __init__(self, f):
-        super().__init__()
-        self.f = f.requires_grad_(False).eval()  # the clean encoder: frozen, eval, no_grad
-        self.f_bd = copy.deepcopy(f).requires_grad_(True)  # f' starts as f
-        for m in self.bn_layers():
-            m.requires_grad_(False)  # BN affine frozen (reference note 1.5)
-
-    def bn_layers(self):
-        return [m for m in self.f_bd.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def train(self, mode=True):
-        """f' trains with every BN on its pre-training statistics: the batch holds B copies of the references."""
-        super().train(mode)
-        self.f.eval()
-        for m in self.bn_layers():
-            m.eval()
-        return self
-
-    def forward(self, x, x_bd, r_aug, ref):
-        B, K = x_bd.shape[:2]
-        with torch.no_grad():
-            z_c, r_c = self.f(torch.cat([x, ref])).split([B, K])
-        out = self.f_bd(torch.cat([x, x_bd.flatten(0, 1), r_aug.flatten(0, 1), ref]))
-        z, z_bd, r_aug, r = out.split([B, B * K, B * K, K])
-        return badencoder_loss(z, z_bd.unflatten(0, (B, K)), r, r_aug.unflatten(0, (B, K)), z_c, r_c)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    if not 0 <= args.opacity <= 1:
-        raise InputError(f"--opacity {args.opacity}: must lie in [0, 1]")
-    f, src = load_encoder(args.encoder)
-    size = args.image_size or src["image_size"]
-    if src["arch"] == "vit" and size != src["arch_kwargs"]["image_size"]:
-        raise InputError(f"{args.encoder}: a ViT for {src['arch_kwargs']['image_size']} px cannot take --image-size {size}")
-    samples = read_list(args.train_list)
-    ref_list = FileList(read_list(args.reference_list), eval_view(size))
-    references = [ref_list[i][0] for i in range(len(ref_list))]
-    triggers = load_triggers(args, size, len(references))
-    views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity,
-                        src["mean"], src["std"])
-    ref = torch.stack([views.normalize(r) for r in references]).to(device)
-    model = BadEncoder(f).to(device)
-    if device.type == "cuda" and src["arch"] != "vit":
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "badencoder" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a badencoder.py checkpoint with training state (method {ckpt['method']})")
-        model.f_bd.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
-    source = {"path": os.path.abspath(args.encoder), "method": src["method"], "arch": src["arch"], "epoch": src["epoch"]}
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "source": source, "images": len(samples),
-               "references": len(references), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
-    if rank == 0:
-        print(f"badencoder.py: {src['method']} {src['arch']} (epoch {src['epoch']}) at {size} px, {len(samples)} shadow "
-              f"images, {len(references)} reference/trigger pair(s), {len(loader)} steps/epoch, {world} process(es) "
-              f"on {device}")
-
-    for epoch in range(start, args.epochs):
-        sampler.epoch = epoch
-        model.train()
-        t0, total = time.time(), torch.zeros(4, device=device)
-        for step, ((x, x_bd, r_aug), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
-                                                             disable=rank != 0)):
-            x, x_bd, r_aug = (v.to(device, non_blocking=True) for v in (x, x_bd, r_aug))
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                l0, l1, l2 = net(x, x_bd, r_aug, ref)
-            loss = l0 + args.lambda1 * l1 + args.lambda2 * l2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += torch.stack([loss, l0, l1, l2]).detach()
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total).all():  # the only host sync in the loop
-                sys.exit(f"badencoder.py: error: loss is {total[0].item()} at epoch {epoch} step {step}; lower --lr")
-        loss, l0, l1, l2 = (total / len(loader)).tolist()  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": loss, "l0": l0, "l1": l1, "l2": l2, "lr": args.lr, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-        if not all(map(math.isfinite, (loss, l0, l1, l2))):
-            sys.exit(f"badencoder.py: error: loss is {loss} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {loss:.4f} (L0 {l0:.4f} L1 {l1:.4f} L2 {l2:.4f})  "
-                  f"lr {args.lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            encoder = model.f_bd.state_dict()  # train_state["model"] is the same dict: saved once
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "badencoder", "arch": src["arch"], "arch_kwargs": src["arch_kwargs"],
-                "feature_dim": src["feature_dim"], "image_size": size, "mean": src["mean"], "std": src["std"],
-                "encoder": encoder, "epoch": epoch + 1, "args": vars(args), "source": source,
-                "trigger": {"images": [torch.from_numpy(e.copy()) for e in triggers], "location": args.trigger_location,
-                            "range": args.trigger_range, "opacity": args.opacity},
-                "train_state": {"model": encoder, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,144 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class GaussianBlur:
+    """PIL Gaussian blur with sigma ~ U(lo, hi), as the reference's RandomBlur."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class TwoViews:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, x):
+        return self.transform(x), self.transform(x)
+
+
+def byol_aug(size):
+    s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.1),
+        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def mlp(in_dim, hidden, out_dim):
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+def regression_loss(p, z):
+    """2 - 2 cos(p, z), averaged over the batch: the squared distance of the L2-normalised vectors, in [0, 4]."""
+    return 2 - 2 * (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1).mean()
+
+
+def cosine_tau(epoch, args):
+    """Target EMA rate: tau_base at epoch 0, rising on a cosine toward 1; constant within an epoch, as the reference."""
+    return 1 - (1 - args.tau_base) * (math.cos(math.pi * epoch / args.epochs) + 1) / 2
+
+
+def learning_rate(epoch, it, args):
+    """Linear warmup over the first --warmup-iters global iterations, then x0.2 at each of epochs - drop (if > 0)."""
+    warmup = min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else 1.0
+    return args.lr * warmup * 0.2 ** sum(0 < args.epochs - d <= epoch for d in args.drop)
+
+
+class BYOL(nn.Module):
+    def __init__(self, arch, arch_kwargs, hidden, dim):
+        super().__init__()
+        backbone, feat = build_backbone(arch, arch_kwargs)
+        self.online = nn.Sequential(backbone, mlp(feat, hidden, dim))  # encoder + projector
+        self.predictor = mlp(dim, hidden, dim)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)  # stays in train mode: batch-stat BN
+
+    @torch.no_grad()
+    def update_target(self, tau):  # parameters only: the target's BN statistics are its own
+        for pt, po in zip(self.target.parameters(), self.online.parameters()):
+            pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
+
+    def forward(self, x1, x2):
+        p1, p2 = self.predictor(self.online(x1)), self.predictor(self.online(x2))  # one BN batch per view
+        with torch.no_grad():
+            z1, z2 = self.target(x1), self.target(x2)
+        return regression_loss(p1, z2) + regression_loss(p2, z1)  # each view predicts the other's target
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    samples = read_list(args.train_list)
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = BYOL(args.arch, arch_kwargs, args.hidden, args.dim).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    params = [p for p in model.parameters() if p.requires_grad]  # online backbone, projector and predictor
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "byol" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a byol.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    loader, sampler = make_loader(FileList(samples, TwoViews(byol_aug(args.image_size)), args.seed), args, rank, world, device)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"byol.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}")
+
+    for epoch in range(start, args.epochs):
+        tau = cosine_tau(epoch, args)
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, ((x1, x2), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            lr = learning_rate(epoch, epoch * len(loader) + step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
+            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(x1, x2)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.update_target(tau)  # every iteration, after the optimizer step, as the reference
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"byol.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "tau": tau, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"byol.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  tau {tau:.5f}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "byol", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.online[1][0].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "encoder": model.online[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -262,144 +400,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-class GaussianBlur:
-    """PIL Gaussian blur with sigma ~ U(lo, hi), as the reference's RandomBlur."""
-
-    def __init__(self, sigma):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-class TwoViews:
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, x):
-        return self.transform(x), self.transform(x)
-
-
-def byol_aug(size):
-    s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.1),
-        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
-
-
-def mlp(in_dim, hidden, out_dim):
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
-
-
-def regression_loss(p, z):
-    """2 - 2 cos(p, z), averaged over the batch: the squared distance of the L2-normalised vectors, in [0, 4]."""
-    return 2 - 2 * (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1).mean()
-
-
-def cosine_tau(epoch, args):
-    """Target EMA rate: tau_base at epoch 0, rising on a cosine toward 1; constant within an epoch, as the reference."""
-    return 1 - (1 - args.tau_base) * (math.cos(math.pi * epoch / args.epochs) + 1) / 2
-
-
-def learning_rate(epoch, it, args):
-    """Linear warmup over the first --warmup-iters global iterations, then x0.2 at each of epochs - drop (if > 0)."""
-    warmup = min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else 1.0
-    return args.lr * warmup * 0.2 ** sum(0 < args.epochs - d <= epoch for d in args.drop)
-
-
-class BYOL(nn.Module):
-    def __init__(self, arch, arch_kwargs, hidden, dim):
-        super().__init__()
-        backbone, feat = build_backbone(arch, arch_kwargs)
-        self.online = nn.Sequential(backbone, mlp(feat, hidden, dim))  # encoder + projector
-        self.predictor = mlp(dim, hidden, dim)
-        self.target = copy.deepcopy(self.online).requires_grad_(False)  # stays in train mode: batch-stat BN
-
-    @torch.no_grad()
-    def update_target(self, tau):  # parameters only: the target's BN statistics are its own
-        for pt, po in zip(self.target.parameters(), self.online.parameters()):
-            pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
-
-    def forward(self, x1, x2):
-        p1, p2 = self.predictor(self.online(x1)), self.predictor(self.online(x2))  # one BN batch per view
-        with torch.no_grad():
-            z1, z2 = self.target(x1), self.target(x2)
-        return regression_loss(p1, z2) + regression_loss(p2, z1)  # each view predicts the other's target
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    samples = read_list(args.train_list)
-    arch_kwargs = {"small_stem": args.small_stem}
-    model = BYOL(args.arch, arch_kwargs, args.hidden, args.dim).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    params = [p for p in model.parameters() if p.requires_grad]  # online backbone, projector and predictor
-    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "byol" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a byol.py checkpoint with training state (method {ckpt['method']})")
-        model.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    loader, sampler = make_loader(FileList(samples, TwoViews(byol_aug(args.image_size)), args.seed), args, rank, world, device)
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "steps_per_epoch": len(loader), "args": vars(args)}, rank)
-    if rank == 0:
-        print(f"byol.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}")
-
-    for epoch in range(start, args.epochs):
-        tau = cosine_tau(epoch, args)
-        sampler.epoch = epoch
-        model.train()
-        t0, total = time.time(), torch.zeros((), device=device)
-        for step, ((x1, x2), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            lr = learning_rate(epoch, epoch * len(loader) + step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x1 = x1.to(device, non_blocking=True, memory_format=memory_format)
-            x2 = x2.to(device, non_blocking=True, memory_format=memory_format)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                loss = net(x1, x2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.update_target(tau)  # every iteration, after the optimizer step, as the reference
-            total += loss.detach()
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
-                sys.exit(f"byol.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
-        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "tau": tau, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-        if not math.isfinite(record["loss"]):
-            sys.exit(f"byol.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  tau {tau:.5f}  "
-                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "byol", "arch": args.arch, "arch_kwargs": arch_kwargs,
-                "feature_dim": model.online[1][0].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
-                "encoder": model.online[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,155 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def weak_view(size, mean, std):
+    """The reference's only view, shared by teacher, student and student key: no colour jitter, grayscale or blur."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def init_bank(K, dim):
+    """Uniform in [-stdv, stdv] with stdv = 1/sqrt(dim/3): rows of expected squared norm 1, not normalised (reference)."""
+    stdv = 1 / math.sqrt(dim / 3)
+    return torch.rand(K, dim) * 2 * stdv - stdv
+
+
+def compress_loss(s, t, bank_s, bank_t, tau):
+    """KL(P_teacher || P_student), summed over the K anchors and averaged over the batch; s, t L2-normalised rows."""
+    with torch.autocast(s.device.type, enabled=False):  # logits reach +-1/tau = 25: fp32 matmul and softmax
+        log_q = F.log_softmax(s.float() @ bank_s.float().T / tau, dim=1)
+        p = F.softmax(t.float() @ bank_t.float().T / tau, dim=1)
+        return F.kl_div(log_q, p, reduction="batchmean")  # input = student log-probs, target = teacher probs
+
+
+class CompReSS(nn.Module):
+    def __init__(self, teacher, teacher_dim, arch, arch_kwargs, variant, K, alpha, tau):
+        super().__init__()
+        self.variant, self.K, self.alpha, self.tau = variant, K, alpha, tau
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.student, self.dim = build_backbone(arch, arch_kwargs)  # no head: the pooled backbone feature (2q)
+        self.fc = nn.Linear(self.dim, teacher_dim) if variant == "1q" else nn.Identity()  # 1q: plain linear, no BN/ReLU
+        self.register_buffer("bank_t", init_bank(K, teacher_dim))
+        if variant == "2q":
+            self.student_k = copy.deepcopy(self.student).requires_grad_(False)
+            self.register_buffer("bank_s", init_bank(K, self.dim))  # an independent draw
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.teacher.eval()  # frozen teacher: BN on running statistics; the student key's BN stays in train mode
+        return self
+
+    @torch.no_grad()
+    def momentum_update(self):  # parameters only: the student key's BN statistics are its own
+        for pk, ps in zip(self.student_k.parameters(), self.student.parameters()):
+            pk.mul_(self.alpha).add_(ps.detach(), alpha=1 - self.alpha)
+
+    @torch.no_grad()
+    def enqueue(self, t, k=None):
+        idx = (self.ptr + torch.arange(len(t), device=t.device)) % self.K  # the same slots in both banks: aligned
+        self.bank_t[idx] = t
+        if k is not None:
+            self.bank_s[idx] = k
+        self.ptr.copy_((self.ptr + len(t)) % self.K)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = F.normalize(self.teacher(x).float(), dim=1)
+            if self.variant == "2q":
+                self.momentum_update()  # = the reference's update after the previous optimizer step
+                k = F.normalize(self.student_k(x).float(), dim=1)
+        s = F.normalize(self.fc(self.student(x)).float(), dim=1)
+        # the logits use the banks as they were before this batch (clone, then enqueue); every process enqueues the
+        # embeddings of all processes
+        if self.variant == "1q":  # one bank of teacher anchors for both distributions
+            loss = compress_loss(s, t, self.bank_t.clone(), self.bank_t, self.tau)
+            self.enqueue(gather(t))
+        else:
+            loss = compress_loss(s, t, self.bank_s.clone(), self.bank_t, self.tau)
+            self.enqueue(gather(t), gather(k))
+        return loss
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    samples = read_list(args.train_list)
+    teacher, tckpt = load_encoder(args.teacher)
+    args.image_size = args.image_size or tckpt["image_size"]
+    if args.bank_size < args.batch_size:
+        raise InputError(f"--bank-size {args.bank_size} is smaller than the global batch size {args.batch_size}")
+    K = min(args.bank_size, len(samples))  # a bank larger than the data holds stale copies of the same images
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = CompReSS(teacher, tckpt["feature_dim"], args.arch, arch_kwargs, args.variant, K, args.alpha, args.tau).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    params = [p for p in model.parameters() if p.requires_grad]  # the student (and fc in 1q) only
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "compress" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a compress_defense.py checkpoint with training state "
+                             f"(method {ckpt['method']})")
+        try:  # the teacher is not saved: it comes from --teacher
+            model.load_state_dict({**model.state_dict(), **ckpt["train_state"]["model"]})
+        except RuntimeError as e:
+            raise InputError(f"{args.resume}: training state does not fit this run (--variant, --arch, bank size?): "
+                             f"{' '.join(str(e).split())[:200]}") from None
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    view = weak_view(args.image_size, tckpt["mean"], tckpt["std"])
+    loader, sampler = make_loader(FileList(samples, view, args.seed), args, rank, world, device)
+    teacher_info = {"path": os.path.abspath(args.teacher), "method": tckpt["method"], "arch": tckpt["arch"],
+                    "epoch": tckpt["epoch"]}
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "bank_size": K, "bank_capped": K < args.bank_size, "teacher": teacher_info,
+               "args": vars(args)}, rank)
+    if rank == 0:
+        cap = f" (--bank-size {args.bank_size} capped at the number of images)" if K < args.bank_size else ""
+        print(f"compress_defense.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
+              f"teacher {tckpt['method']} {tckpt['arch']} epoch {tckpt['epoch']}, {args.variant}, bank K = {K}{cap}")
+
+    for epoch in range(start, args.epochs):
+        lr = args.lr * 0.2 ** sum(epoch + 1 > m for m in args.milestones)  # epochs counted from 1: decays at 91, 121
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, (x, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"compress_defense.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"compress_defense.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            state = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "compress", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.dim, "image_size": args.image_size, "mean": tckpt["mean"], "std": tckpt["std"],
+                "encoder": model.student.state_dict(), "epoch": epoch + 1, "args": vars(args), "teacher": teacher_info,
+                "train_state": {"model": state, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -264,155 +413,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-def weak_view(size, mean, std):
-    """The reference's only view, shared by teacher, student and student key: no colour jitter, grayscale or blur."""
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-
-
-def init_bank(K, dim):
-    """Uniform in [-stdv, stdv] with stdv = 1/sqrt(dim/3): rows of expected squared norm 1, not normalised (reference)."""
-    stdv = 1 / math.sqrt(dim / 3)
-    return torch.rand(K, dim) * 2 * stdv - stdv
-
-
-def compress_loss(s, t, bank_s, bank_t, tau):
-    """KL(P_teacher || P_student), summed over the K anchors and averaged over the batch; s, t L2-normalised rows."""
-    with torch.autocast(s.device.type, enabled=False):  # logits reach +-1/tau = 25: fp32 matmul and softmax
-        log_q = F.log_softmax(s.float() @ bank_s.float().T / tau, dim=1)
-        p = F.softmax(t.float() @ bank_t.float().T / tau, dim=1)
-        return F.kl_div(log_q, p, reduction="batchmean")  # input = student log-probs, target = teacher probs
-
-
-class CompReSS(nn.Module):
-    def __init__(self, teacher, teacher_dim, arch, arch_kwargs, variant, K, alpha, tau):
-        super().__init__()
-        self.variant, self.K, self.alpha, self.tau = variant, K, alpha, tau
-        self.teacher = teacher.requires_grad_(False).eval()
-        self.student, self.dim = build_backbone(arch, arch_kwargs)  # no head: the pooled backbone feature (2q)
-        self.fc = nn.Linear(self.dim, teacher_dim) if variant == "1q" else nn.Identity()  # 1q: plain linear, no BN/ReLU
-        self.register_buffer("bank_t", init_bank(K, teacher_dim))
-        if variant == "2q":
-            self.student_k = copy.deepcopy(self.student).requires_grad_(False)
-            self.register_buffer("bank_s", init_bank(K, self.dim))  # an independent draw
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.teacher.eval()  # frozen teacher: BN on running statistics; the student key's BN stays in train mode
-        return self
-
-    @torch.no_grad()
-    def momentum_update(self):  # parameters only: the student key's BN statistics are its own
-        for pk, ps in zip(self.student_k.parameters(), self.student.parameters()):
-            pk.mul_(self.alpha).add_(ps.detach(), alpha=1 - self.alpha)
-
-    @torch.no_grad()
-    def enqueue(self, t, k=None):
-        idx = (self.ptr + torch.arange(len(t), device=t.device)) % self.K  # the same slots in both banks: aligned
-        self.bank_t[idx] = t
-        if k is not None:
-            self.bank_s[idx] = k
-        self.ptr.copy_((self.ptr + len(t)) % self.K)
-
-    def forward(self, x):
-        with torch.no_grad():
-            t = F.normalize(self.teacher(x).float(), dim=1)
-            if self.variant == "2q":
-                self.momentum_update()  # = the reference's update after the previous optimizer step
-                k = F.normalize(self.student_k(x).float(), dim=1)
-        s = F.normalize(self.fc(self.student(x)).float(), dim=1)
-        # the logits use the banks as they were before this batch (clone, then enqueue); every process enqueues the
-        # embeddings of all processes
-        if self.variant == "1q":  # one bank of teacher anchors for both distributions
-            loss = compress_loss(s, t, self.bank_t.clone(), self.bank_t, self.tau)
-            self.enqueue(gather(t))
-        else:
-            loss = compress_loss(s, t, self.bank_s.clone(), self.bank_t, self.tau)
-            self.enqueue(gather(t), gather(k))
-        return loss
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    samples = read_list(args.train_list)
-    teacher, tckpt = load_encoder(args.teacher)
-    args.image_size = args.image_size or tckpt["image_size"]
-    if args.bank_size < args.batch_size:
-        raise InputError(f"--bank-size {args.bank_size} is smaller than the global batch size {args.batch_size}")
-    K = min(args.bank_size, len(samples))  # a bank larger than the data holds stale copies of the same images
-    arch_kwargs = {"small_stem": args.small_stem}
-    model = CompReSS(teacher, tckpt["feature_dim"], args.arch, arch_kwargs, args.variant, K, args.alpha, args.tau).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    params = [p for p in model.parameters() if p.requires_grad]  # the student (and fc in 1q) only
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "compress" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a compress_defense.py checkpoint with training state "
-                             f"(method {ckpt['method']})")
-        try:  # the teacher is not saved: it comes from --teacher
-            model.load_state_dict({**model.state_dict(), **ckpt["train_state"]["model"]})
-        except RuntimeError as e:
-            raise InputError(f"{args.resume}: training state does not fit this run (--variant, --arch, bank size?): "
-                             f"{' '.join(str(e).split())[:200]}") from None
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    view = weak_view(args.image_size, tckpt["mean"], tckpt["std"])
-    loader, sampler = make_loader(FileList(samples, view, args.seed), args, rank, world, device)
-    teacher_info = {"path": os.path.abspath(args.teacher), "method": tckpt["method"], "arch": tckpt["arch"],
-                    "epoch": tckpt["epoch"]}
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "steps_per_epoch": len(loader), "bank_size": K, "bank_capped": K < args.bank_size, "teacher": teacher_info,
-               "args": vars(args)}, rank)
-    if rank == 0:
-        cap = f" (--bank-size {args.bank_size} capped at the number of images)" if K < args.bank_size else ""
-        print(f"compress_defense.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
-              f"teacher {tckpt['method']} {tckpt['arch']} epoch {tckpt['epoch']}, {args.variant}, bank K = {K}{cap}")
-
-    for epoch in range(start, args.epochs):
-        lr = args.lr * 0.2 ** sum(epoch + 1 > m for m in args.milestones)  # epochs counted from 1: decays at 91, 121
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.epoch = epoch
-        model.train()
-        t0, total = time.time(), torch.zeros((), device=device)
-        for step, (x, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                loss = net(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
-                sys.exit(f"compress_defense.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
-        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-        if not math.isfinite(record["loss"]):
-            sys.exit(f"compress_defense.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
-                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            state = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "compress", "arch": args.arch, "arch_kwargs": arch_kwargs,
-                "feature_dim": model.dim, "image_size": args.image_size, "mean": tckpt["mean"], "std": tckpt["std"],
-                "encoder": model.student.state_dict(), "epoch": epoch + 1, "args": vars(args), "teacher": teacher_info,
-                "train_state": {"model": state, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

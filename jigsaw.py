@@ -67,6 +67,158 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def hamming_permutations(n, seed):
+    """Noroozi & Favaro's Algorithm 1, "maximal average Hamming distance": start from a random permutation of the 9
+    tiles, then repeatedly add the remaining one with the largest summed Hamming distance to those chosen so far."""
+    rng = np.random.default_rng(seed)
+    P = np.array(list(itertools.permutations(range(9))), dtype=np.int8)[rng.permutation(math.factorial(9))]
+    columns = np.ascontiguousarray(P.T)
+    matches = np.zeros(len(P), dtype=np.int32)  # summed equal positions = 9 * len(chosen) - summed Hamming distance
+    chosen = [0]  # P is shuffled: row 0 is the random start, and argmin breaks ties at random
+    for _ in range(n - 1):
+        for k in range(9):
+            matches += columns[k] == P[chosen[-1], k]
+        matches[chosen[-1]] = 2**30  # never chosen again
+        chosen.append(int(matches.argmin()))
+    return torch.from_numpy(P[chosen].astype(np.int64))
+
+
+def jigsaw_sizes(image_size):
+    """(resize, crop, cell, tile): 256, 255, 85, 64 at 224 px, scaled with the image size."""
+    resize = round(image_size * 256 / 224)
+    cell = resize // 3
+    return resize, 3 * cell, cell, max(1, round(cell * 64 / 85))
+
+
+def shuffle_tiles(x, perm, cell, tile):
+    """3x3 grid of cells in raster order k; a random tile x tile crop of cell k goes to slot perm[k] (not the inverse)."""
+    offsets = torch.randint(max(1, cell - tile), (9, 2)).tolist()  # 0..20 at 85/64 px, as the reference
+    out = x.new_empty(9, x.shape[0], tile, tile)
+    for k, (dy, dx) in enumerate(offsets):
+        i, j = k // 3 * cell + dy, k % 3 * cell + dx
+        out[perm[k]] = x[:, i : i + tile, j : j + tile]
+    return out
+
+
+class JigsawTransform:
+    """Image -> (9 tiles in their permuted slots, permutation index); one fresh random permutation per sample."""
+
+    def __init__(self, perms, image_size):
+        resize, crop, self.cell, self.tile = jigsaw_sizes(image_size)
+        self.perms, self.crop = perms, T.Compose([T.Resize(resize), T.RandomCrop(crop)])
+        self.normalize = T.Normalize(MEAN, STD)
+
+    def __call__(self, image):
+        image = self.crop(image)
+        gray, project = (torch.rand(2) < 0.5).tolist()  # 50% gray, 25% projected, 25% as is: no chromatic shortcut
+        if gray:
+            image = T.functional.rgb_to_grayscale(image, 3)
+        x = T.functional.to_tensor(image)
+        if not gray and project:
+            x = torch.einsum("ij,jhw->ihw", COLOR_PROJECTION, x)  # on [0, 1] values, not clipped
+        y = torch.randint(len(self.perms), ())
+        return shuffle_tiles(self.normalize(x), self.perms[y].tolist(), self.cell, self.tile), y
+
+
+def param_groups(model, weight_decay):
+    """The reference's rule by name: wd on "*weight" without "bn", so downsample.1.weight (a BN weight) IS decayed."""
+    named = dict(model.named_parameters())
+    decay = [n for n in named if n.endswith("weight") and "bn" not in n]
+    return [{"params": [named[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [p for n, p in named.items() if n not in decay], "weight_decay": 0.0}]
+
+
+def step_lr(lr, epoch, milestones):
+    return lr * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+class Jigsaw(nn.Module):
+    def __init__(self, arch, arch_kwargs, num_perms):
+        super().__init__()
+        self.trunk, feat = build_backbone(arch, arch_kwargs)
+        self.fc = nn.Linear(9 * feat, num_perms)  # no fc6/fc7 MLP in the reference
+
+    def forward(self, tiles, y):
+        """tiles: 9 tensors (B, 3, t, t), one per slot; each slot is its own trunk pass, so BN statistics are per slot."""
+        logits = self.fc(torch.cat([self.trunk(x) for x in tiles], dim=1)).float()
+        return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    if not 1 <= args.num_perms <= math.factorial(9):
+        raise InputError(f"--num-perms {args.num_perms}: must be between 1 and 9! = 362880")
+    samples = read_list(args.train_list)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt and (ckpt["method"] != "jigsaw" or "train_state" not in ckpt):
+        raise InputError(f"{args.resume}: not a jigsaw.py checkpoint with training state (method {ckpt['method']})")
+    if ckpt and len(ckpt["perms"]) != args.num_perms:
+        raise InputError(f"{args.resume}: {len(ckpt['perms'])} permutations, but --num-perms {args.num_perms}")
+    perms = ckpt["perms"] if ckpt else hamming_permutations(args.num_perms, args.seed)
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = Jigsaw(args.arch, arch_kwargs, args.num_perms).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
+    start = 0
+    if ckpt:
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    loader, sampler = make_loader(FileList(samples, JigsawTransform(perms, args.image_size), args.seed), args, rank, world,
+                                  device)
+    resize, crop, cell, tile = jigsaw_sizes(args.image_size)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "resize": resize, "crop": crop, "cell": cell, "tile": tile,
+               "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"jigsaw.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
+              f"{tile} px tiles from {cell} px cells of a {crop} px crop, {len(perms)} permutations")
+
+    for epoch in range(start, args.epochs):
+        lr = step_lr(args.lr, epoch, args.milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.epoch = epoch
+        model.train()
+        t0, total, correct = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
+        for step, ((tiles, y), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            tiles = [x.contiguous(memory_format=memory_format) for x in tiles.to(device, non_blocking=True).unbind(1)]
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss, hits = net(tiles, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            correct += hits
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"jigsaw.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                  "pretext_acc": 100.0 * correct.item() / (len(loader) * args.batch_size // world)}  # this process's
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"jigsaw.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  pretext acc {record['pretext_acc']:.1f}%  "
+                  f"lr {lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "jigsaw", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.fc.in_features // 9, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "encoder": model.trunk.state_dict(), "epoch": epoch + 1, "args": vars(args), "perms": perms,
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -265,158 +417,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-def hamming_permutations(n, seed):
-    """Noroozi & Favaro's Algorithm 1, "maximal average Hamming distance": start from a random permutation of the 9
-    tiles, then repeatedly add the remaining one with the largest summed Hamming distance to those chosen so far."""
-    rng = np.random.default_rng(seed)
-    P = np.array(list(itertools.permutations(range(9))), dtype=np.int8)[rng.permutation(math.factorial(9))]
-    columns = np.ascontiguousarray(P.T)
-    matches = np.zeros(len(P), dtype=np.int32)  # summed equal positions = 9 * len(chosen) - summed Hamming distance
-    chosen = [0]  # P is shuffled: row 0 is the random start, and argmin breaks ties at random
-    for _ in range(n - 1):
-        for k in range(9):
-            matches += columns[k] == P[chosen[-1], k]
-        matches[chosen[-1]] = 2**30  # never chosen again
-        chosen.append(int(matches.argmin()))
-    return torch.from_numpy(P[chosen].astype(np.int64))
-
-
-def jigsaw_sizes(image_size):
-    """(resize, crop, cell, tile): 256, 255, 85, 64 at 224 px, scaled with the image size."""
-    resize = round(image_size * 256 / 224)
-    cell = resize // 3
-    return resize, 3 * cell, cell, max(1, round(cell * 64 / 85))
-
-
-def shuffle_tiles(x, perm, cell, tile):
-    """3x3 grid of cells in raster order k; a random tile x tile crop of cell k goes to slot perm[k] (not the inverse)."""
-    offsets = torch.randint(max(1, cell - tile), (9, 2)).tolist()  # 0..20 at 85/64 px, as the reference
-    out = x.new_empty(9, x.shape[0], tile, tile)
-    for k, (dy, dx) in enumerate(offsets):
-        i, j = k // 3 * cell + dy, k % 3 * cell + dx
-        out[perm[k]] = x[:, i : i + tile, j : j + tile]
-    return out
-
-
-class JigsawTransform:
-    """Image -> (9 tiles in their permuted slots, permutation index); one fresh random permutation per sample."""
-
-    def __init__(self, perms, image_size):
-        resize, crop, self.cell, self.tile = jigsaw_sizes(image_size)
-        self.perms, self.crop = perms, T.Compose([T.Resize(resize), T.RandomCrop(crop)])
-        self.normalize = T.Normalize(MEAN, STD)
-
-    def __call__(self, image):
-        image = self.crop(image)
-        gray, project = (torch.rand(2) < 0.5).tolist()  # 50% gray, 25% projected, 25% as is: no chromatic shortcut
-        if gray:
-            image = T.functional.rgb_to_grayscale(image, 3)
-        x = T.functional.to_tensor(image)
-        if not gray and project:
-            x = torch.einsum("ij,jhw->ihw", COLOR_PROJECTION, x)  # on [0, 1] values, not clipped
-        y = torch.randint(len(self.perms), ())
-        return shuffle_tiles(self.normalize(x), self.perms[y].tolist(), self.cell, self.tile), y
-
-
-def param_groups(model, weight_decay):
-    """The reference's rule by name: wd on "*weight" without "bn", so downsample.1.weight (a BN weight) IS decayed."""
-    named = dict(model.named_parameters())
-    decay = [n for n in named if n.endswith("weight") and "bn" not in n]
-    return [{"params": [named[n] for n in decay], "weight_decay": weight_decay},
-            {"params": [p for n, p in named.items() if n not in decay], "weight_decay": 0.0}]
-
-
-def step_lr(lr, epoch, milestones):
-    return lr * 0.1 ** sum(epoch >= m for m in milestones)
-
-
-class Jigsaw(nn.Module):
-    def __init__(self, arch, arch_kwargs, num_perms):
-        super().__init__()
-        self.trunk, feat = build_backbone(arch, arch_kwargs)
-        self.fc = nn.Linear(9 * feat, num_perms)  # no fc6/fc7 MLP in the reference
-
-    def forward(self, tiles, y):
-        """tiles: 9 tensors (B, 3, t, t), one per slot; each slot is its own trunk pass, so BN statistics are per slot."""
-        logits = self.fc(torch.cat([self.trunk(x) for x in tiles], dim=1)).float()
-        return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    if not 1 <= args.num_perms <= math.factorial(9):
-        raise InputError(f"--num-perms {args.num_perms}: must be between 1 and 9! = 362880")
-    samples = read_list(args.train_list)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt and (ckpt["method"] != "jigsaw" or "train_state" not in ckpt):
-        raise InputError(f"{args.resume}: not a jigsaw.py checkpoint with training state (method {ckpt['method']})")
-    if ckpt and len(ckpt["perms"]) != args.num_perms:
-        raise InputError(f"{args.resume}: {len(ckpt['perms'])} permutations, but --num-perms {args.num_perms}")
-    perms = ckpt["perms"] if ckpt else hamming_permutations(args.num_perms, args.seed)
-    arch_kwargs = {"small_stem": args.small_stem}
-    model = Jigsaw(args.arch, arch_kwargs, args.num_perms).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
-    start = 0
-    if ckpt:
-        model.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    loader, sampler = make_loader(FileList(samples, JigsawTransform(perms, args.image_size), args.seed), args, rank, world,
-                                  device)
-    resize, crop, cell, tile = jigsaw_sizes(args.image_size)
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "steps_per_epoch": len(loader), "resize": resize, "crop": crop, "cell": cell, "tile": tile,
-               "args": vars(args)}, rank)
-    if rank == 0:
-        print(f"jigsaw.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
-              f"{tile} px tiles from {cell} px cells of a {crop} px crop, {len(perms)} permutations")
-
-    for epoch in range(start, args.epochs):
-        lr = step_lr(args.lr, epoch, args.milestones)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.epoch = epoch
-        model.train()
-        t0, total, correct = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
-        for step, ((tiles, y), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            tiles = [x.contiguous(memory_format=memory_format) for x in tiles.to(device, non_blocking=True).unbind(1)]
-            y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                loss, hits = net(tiles, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            correct += hits
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
-                sys.exit(f"jigsaw.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
-        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-                  "pretext_acc": 100.0 * correct.item() / (len(loader) * args.batch_size // world)}  # this process's
-        if not math.isfinite(record["loss"]):
-            sys.exit(f"jigsaw.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  pretext acc {record['pretext_acc']:.1f}%  "
-                  f"lr {lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "jigsaw", "arch": args.arch, "arch_kwargs": arch_kwargs,
-                "feature_dim": model.fc.in_features // 9, "image_size": args.image_size, "mean": MEAN, "std": STD,
-                "encoder": model.trunk.state_dict(), "epoch": epoch + 1, "args": vars(args), "perms": perms,
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -77,6 +77,184 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sin-cos table (grid^2 + 1, dim) for tokens k = row * grid + col, row 0 (the cls slot) zero. The first
+    dim/2 channels encode the column, the last dim/2 the row; each half is [sin(pos w), cos(pos w)], w_k = 10000^(-4k/dim)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    halves = [torch.outer(pos.repeat(grid), omega), torch.outer(pos.repeat_interleave(grid), omega)]  # column, row
+    table = torch.cat([torch.cat([h.sin(), h.cos()], dim=1) for h in halves], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
+
+
+def patchify(imgs, p):
+    """(N, 3, H, W) -> (N, L, p*p*3), patches in row-major order (as conv_proj's tokens), pixels (row, col, channel)."""
+    n, c, h, w = imgs.shape
+    x = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def random_masking(x, mask_ratio, noise):
+    """Keep the int(L (1 - mask_ratio)) tokens of smallest noise per sample -> (visible tokens in shuffled order,
+    mask (N, L) with 1 = removed in patch order, ids_restore that un-shuffles)."""
+    n, L, d = x.shape
+    keep = int(L * (1 - mask_ratio))
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    x_masked = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
+    mask = torch.ones(n, L, device=x.device)
+    mask[:, :keep] = 0
+    return x_masked, mask.gather(1, ids_restore), ids_restore
+
+
+def mae_loss(imgs, pred, mask, p, norm_pix_loss):
+    """Per-patch MSE averaged over the removed patches only (mask 1)."""
+    target = patchify(imgs, p)
+    if norm_pix_loss:
+        var, mean = torch.var_mean(target, dim=-1, keepdim=True)  # unbiased variance, as the reference's .var()
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    loss = ((pred.float() - target) ** 2).mean(dim=-1)
+    return (loss * mask).sum() / mask.sum()
+
+
+def param_groups(model, weight_decay):
+    """timm's add_weight_decay: no decay for biases, norms and 1-D parameters; frozen ones (pos embeddings) left out."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(e, lr, args):
+    """Linear warmup, then half-cosine to --min-lr, at the fractional epoch e (reference util/lr_sched.py)."""
+    if e < args.warmup_epochs:
+        return lr * e / args.warmup_epochs
+    progress = (e - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+    return args.min_lr + (lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MAE(nn.Module):
+    def __init__(self, arch_kwargs, decoder_depth, decoder_width, decoder_heads, mask_ratio, norm_pix_loss):
+        super().__init__()
+        self.p, self.mask_ratio, self.norm_pix_loss = arch_kwargs["patch_size"], mask_ratio, norm_pix_loss
+        self.vit, dim = build_backbone("vit", arch_kwargs)  # heads = Identity: no unused or decayed classifier
+        grid = arch_kwargs["image_size"] // self.p
+        self.decoder_embed = nn.Linear(dim, decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_width, grid)[None])
+        self.decoder_blocks = nn.Sequential(*[EncoderBlock(decoder_heads, decoder_width, 4 * decoder_width, 0.0, 0.0)
+                                              for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_width, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_width, self.p**2 * 3)
+        for m in self.modules():  # reference init: xavier Linear (MHA's fused in_proj already is), zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.vit.conv_proj.weight.view(dim, -1))  # the patch embedding as a (D, 3p^2) Linear
+        nn.init.normal_(self.vit.class_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.vit.encoder.pos_embedding.data.copy_(sincos_pos_embed(dim, grid)[None])
+        self.vit.encoder.pos_embedding.requires_grad_(False)  # fixed, and kept out of the optimizer
+
+    def forward_encoder(self, imgs, mask_ratio):
+        vit, pos = self.vit, self.vit.encoder.pos_embedding
+        x = vit.conv_proj(imgs).flatten(2).transpose(1, 2) + pos[:, 1:]  # positions are added before masking
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        noise = torch.rand(world, *x.shape[:2], device=x.device)[rank]  # the global batch's noise: RNGs stay in step
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+        x = torch.cat([(vit.class_token + pos[:, :1]).expand(len(x), -1, -1), x], dim=1)
+        x = vit.encoder.ln(vit.encoder.layers(vit.encoder.dropout(x)))  # not vit.encoder(x): it adds pos_embedding again
+        return x, mask, ids_restore
+
+    def forward_decoder(self, latent, ids_restore):
+        x = self.decoder_embed(latent)
+        n, L = ids_restore.shape
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(n, L + 1 - x.shape[1], -1)], dim=1)  # visible, then mask tokens
+        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # back to patch order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:]  # without the cls position
+
+    def forward(self, imgs):
+        latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio)
+        return mae_loss(imgs, self.forward_decoder(latent, ids_restore), mask, self.p, self.norm_pix_loss)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    width, depth, heads = (new or old for new, old in zip((args.width, args.depth, args.heads), PRESETS[args.model]))
+    arch_kwargs = {"image_size": args.image_size, "patch_size": args.patch_size, "num_layers": depth, "num_heads": heads,
+                   "hidden_dim": width, "mlp_dim": 4 * width}
+    if args.image_size % args.patch_size or width % 4 or width % heads or args.decoder_width % 4 or \
+            args.decoder_width % args.decoder_heads:
+        raise InputError(f"ViT {arch_kwargs}, decoder width {args.decoder_width} with {args.decoder_heads} heads: the "
+                         f"image size must be a multiple of the patch size, each width of 4 (sin-cos) and of its heads")
+    L = (args.image_size // args.patch_size) ** 2
+    if not 0 < int(L * (1 - args.mask_ratio)) < L:
+        raise InputError(f"--mask-ratio {args.mask_ratio} must keep at least one and remove at least one of {L} patches")
+    samples = read_list(args.train_list)
+    model = MAE(arch_kwargs, args.decoder_depth, args.decoder_width, args.decoder_heads, args.mask_ratio,
+                args.norm_pix_loss).to(device)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "mae" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a mae.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    transform = T.Compose([T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])  # no colour augmentation
+    loader, sampler = make_loader(FileList(samples, transform, args.seed), args, rank, world, device)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "arch_kwargs": arch_kwargs, "peak_lr": lr,
+               "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"mae.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, ViT "
+              f"{width}/{depth}/{heads} patch {args.patch_size} ({L} patches), peak lr {lr:.4g}")
+
+    for epoch in range(start, args.epochs):
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, (imgs, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            lr_now = learning_rate(epoch + step / len(loader), lr, args)  # per iteration
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            imgs = imgs.to(device, non_blocking=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(imgs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"mae.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --blr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr_now, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"mae.py: error: loss is {record['loss']} in epoch {epoch}; lower --blr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr_now:.4g}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "mae", "arch": args.arch, "arch_kwargs": arch_kwargs, "feature_dim": width,
+                "image_size": args.image_size, "mean": MEAN, "std": STD, "encoder": model.vit.state_dict(),
+                "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -275,184 +453,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos table (grid^2 + 1, dim) for tokens k = row * grid + col, row 0 (the cls slot) zero. The first
-    dim/2 channels encode the column, the last dim/2 the row; each half is [sin(pos w), cos(pos w)], w_k = 10000^(-4k/dim)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    pos = torch.arange(grid, dtype=torch.float64)
-    halves = [torch.outer(pos.repeat(grid), omega), torch.outer(pos.repeat_interleave(grid), omega)]  # column, row
-    table = torch.cat([torch.cat([h.sin(), h.cos()], dim=1) for h in halves], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()
-
-
-def patchify(imgs, p):
-    """(N, 3, H, W) -> (N, L, p*p*3), patches in row-major order (as conv_proj's tokens), pixels (row, col, channel)."""
-    n, c, h, w = imgs.shape
-    x = imgs.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(n, (h // p) * (w // p), p * p * c)
-
-
-def random_masking(x, mask_ratio, noise):
-    """Keep the int(L (1 - mask_ratio)) tokens of smallest noise per sample -> (visible tokens in shuffled order,
-    mask (N, L) with 1 = removed in patch order, ids_restore that un-shuffles)."""
-    n, L, d = x.shape
-    keep = int(L * (1 - mask_ratio))
-    ids_shuffle = noise.argsort(dim=1)
-    ids_restore = ids_shuffle.argsort(dim=1)
-    x_masked = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
-    mask = torch.ones(n, L, device=x.device)
-    mask[:, :keep] = 0
-    return x_masked, mask.gather(1, ids_restore), ids_restore
-
-
-def mae_loss(imgs, pred, mask, p, norm_pix_loss):
-    """Per-patch MSE averaged over the removed patches only (mask 1)."""
-    target = patchify(imgs, p)
-    if norm_pix_loss:
-        var, mean = torch.var_mean(target, dim=-1, keepdim=True)  # unbiased variance, as the reference's .var()
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    loss = ((pred.float() - target) ** 2).mean(dim=-1)
-    return (loss * mask).sum() / mask.sum()
-
-
-def param_groups(model, weight_decay):
-    """timm's add_weight_decay: no decay for biases, norms and 1-D parameters; frozen ones (pos embeddings) left out."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def learning_rate(e, lr, args):
-    """Linear warmup, then half-cosine to --min-lr, at the fractional epoch e (reference util/lr_sched.py)."""
-    if e < args.warmup_epochs:
-        return lr * e / args.warmup_epochs
-    progress = (e - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
-    return args.min_lr + (lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class MAE(nn.Module):
-    def __init__(self, arch_kwargs, decoder_depth, decoder_width, decoder_heads, mask_ratio, norm_pix_loss):
-        super().__init__()
-        self.p, self.mask_ratio, self.norm_pix_loss = arch_kwargs["patch_size"], mask_ratio, norm_pix_loss
-        self.vit, dim = build_backbone("vit", arch_kwargs)  # heads = Identity: no unused or decayed classifier
-        grid = arch_kwargs["image_size"] // self.p
-        self.decoder_embed = nn.Linear(dim, decoder_width)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed(decoder_width, grid)[None])
-        self.decoder_blocks = nn.Sequential(*[EncoderBlock(decoder_heads, decoder_width, 4 * decoder_width, 0.0, 0.0)
-                                              for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_width, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_width, self.p**2 * 3)
-        for m in self.modules():  # reference init: xavier Linear (MHA's fused in_proj already is), zero biases
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.vit.conv_proj.weight.view(dim, -1))  # the patch embedding as a (D, 3p^2) Linear
-        nn.init.normal_(self.vit.class_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        self.vit.encoder.pos_embedding.data.copy_(sincos_pos_embed(dim, grid)[None])
-        self.vit.encoder.pos_embedding.requires_grad_(False)  # fixed, and kept out of the optimizer
-
-    def forward_encoder(self, imgs, mask_ratio):
-        vit, pos = self.vit, self.vit.encoder.pos_embedding
-        x = vit.conv_proj(imgs).flatten(2).transpose(1, 2) + pos[:, 1:]  # positions are added before masking
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-        noise = torch.rand(world, *x.shape[:2], device=x.device)[rank]  # the global batch's noise: RNGs stay in step
-        x, mask, ids_restore = random_masking(x, mask_ratio, noise)
-        x = torch.cat([(vit.class_token + pos[:, :1]).expand(len(x), -1, -1), x], dim=1)
-        x = vit.encoder.ln(vit.encoder.layers(vit.encoder.dropout(x)))  # not vit.encoder(x): it adds pos_embedding again
-        return x, mask, ids_restore
-
-    def forward_decoder(self, latent, ids_restore):
-        x = self.decoder_embed(latent)
-        n, L = ids_restore.shape
-        x_ = torch.cat([x[:, 1:], self.mask_token.expand(n, L + 1 - x.shape[1], -1)], dim=1)  # visible, then mask tokens
-        x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # back to patch order
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed
-        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:]  # without the cls position
-
-    def forward(self, imgs):
-        latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio)
-        return mae_loss(imgs, self.forward_decoder(latent, ids_restore), mask, self.p, self.norm_pix_loss)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    width, depth, heads = (new or old for new, old in zip((args.width, args.depth, args.heads), PRESETS[args.model]))
-    arch_kwargs = {"image_size": args.image_size, "patch_size": args.patch_size, "num_layers": depth, "num_heads": heads,
-                   "hidden_dim": width, "mlp_dim": 4 * width}
-    if args.image_size % args.patch_size or width % 4 or width % heads or args.decoder_width % 4 or \
-            args.decoder_width % args.decoder_heads:
-        raise InputError(f"ViT {arch_kwargs}, decoder width {args.decoder_width} with {args.decoder_heads} heads: the "
-                         f"image size must be a multiple of the patch size, each width of 4 (sin-cos) and of its heads")
-    L = (args.image_size // args.patch_size) ** 2
-    if not 0 < int(L * (1 - args.mask_ratio)) < L:
-        raise InputError(f"--mask-ratio {args.mask_ratio} must keep at least one and remove at least one of {L} patches")
-    samples = read_list(args.train_list)
-    model = MAE(arch_kwargs, args.decoder_depth, args.decoder_width, args.decoder_heads, args.mask_ratio,
-                args.norm_pix_loss).to(device)
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "mae" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a mae.py checkpoint with training state (method {ckpt['method']})")
-        model.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    transform = T.Compose([T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])  # no colour augmentation
-    loader, sampler = make_loader(FileList(samples, transform, args.seed), args, rank, world, device)
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "arch_kwargs": arch_kwargs, "peak_lr": lr,
-               "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
-    if rank == 0:
-        print(f"mae.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, ViT "
-              f"{width}/{depth}/{heads} patch {args.patch_size} ({L} patches), peak lr {lr:.4g}")
-
-    for epoch in range(start, args.epochs):
-        sampler.epoch = epoch
-        model.train()
-        t0, total = time.time(), torch.zeros((), device=device)
-        for step, (imgs, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            lr_now = learning_rate(epoch + step / len(loader), lr, args)  # per iteration
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            imgs = imgs.to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                loss = net(imgs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
-                sys.exit(f"mae.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --blr")
-        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr_now, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-        if not math.isfinite(record["loss"]):
-            sys.exit(f"mae.py: error: loss is {record['loss']} in epoch {epoch}; lower --blr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr_now:.4g}  "
-                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "mae", "arch": args.arch, "arch_kwargs": arch_kwargs, "feature_dim": width,
-                "image_size": args.image_size, "mean": MEAN, "std": STD, "encoder": model.vit.state_dict(),
-                "epoch": epoch + 1, "args": vars(args),
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,158 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class GaussianBlur:
+    """PIL Gaussian blur with sigma ~ U(lo, hi), as MoCo v2's aug-plus."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class TwoViews:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, x):
+        return self.transform(x), self.transform(x)
+
+
+def aug_plus(size):
+    s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def info_nce(q, k, queue, tau):
+    """Cross-entropy with the positive key at index 0 and the queue as negatives; q, k, queue L2-normalised."""
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    l_neg = q @ queue.T
+    logits = torch.cat([l_pos, l_neg], dim=1).float() / tau
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+class MoCo(nn.Module):
+    def __init__(self, arch, arch_kwargs, dim, K, m, tau, bn_splits):
+        super().__init__()
+        self.K, self.m, self.tau, self.bn_splits = K, m, tau, bn_splits
+        backbone, feat = build_backbone(arch, arch_kwargs)
+        self.encoder_q = nn.Sequential(backbone, nn.Linear(feat, feat), nn.ReLU(), nn.Linear(feat, dim))  # no BN in head
+        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self):  # parameters only: the key encoder's BN statistics are its own
+        for pk, pq in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
+            pk.mul_(self.m).add_(pq.detach(), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def enqueue(self, k):
+        idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % self.K  # on device: no host sync
+        self.queue[idx] = k.to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + len(k)) % self.K)
+
+    @torch.no_grad()
+    def keys(self, im_k):
+        """Shuffle BN: the key batch's BN statistics come from a random subset, so they cannot give the positive away."""
+        if dist.is_initialized() and dist.get_world_size() > 1:  # reference: shuffle across processes
+            world, rank = dist.get_world_size(), dist.get_rank()
+            all_k = gather(im_k)
+            perm = torch.randperm(len(all_k), device=all_k.device)
+            dist.broadcast(perm, 0)
+            k = gather(F.normalize(self.encoder_k(all_k[perm.view(world, -1)[rank]]), dim=1))
+            return k[torch.argsort(perm)].view(world, -1, k.shape[1])[rank]
+        perm = torch.randperm(len(im_k), device=im_k.device)  # one process: chunks with their own BN statistics
+        k = torch.cat([self.encoder_k(chunk) for chunk in im_k[perm].chunk(self.bn_splits)])
+        return F.normalize(k, dim=1)[torch.argsort(perm)]
+
+    def forward(self, im_q, im_k):
+        q = F.normalize(self.encoder_q(im_q), dim=1)
+        with torch.no_grad():
+            self.momentum_update()  # before the keys, as the reference
+            k = self.keys(im_k)
+        loss = info_nce(q, k, self.queue.clone(), self.tau)  # negatives: the queue as it was before this batch
+        self.enqueue(gather(k))  # every process enqueues the keys of all processes
+        return loss
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    if args.queue_size % args.batch_size:
+        raise InputError(f"--queue-size {args.queue_size} must be divisible by the global batch size {args.batch_size}")
+    samples = read_list(args.train_list)
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "moco" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a moco.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    loader, sampler = make_loader(FileList(samples, TwoViews(aug_plus(args.image_size)), args.seed), args, rank, world, device)
+    shuffle_bn = f"across {world} processes" if world > 1 else f"{args.bn_splits} chunks on one process (emulated)"
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "shuffle_bn": shuffle_bn,
+               "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"moco.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
+              f"shuffle BN: {shuffle_bn}")
+
+    for epoch in range(start, args.epochs):
+        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # per-epoch cosine, no warmup
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, ((im_q, im_k), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
+            im_k = im_k.to(device, non_blocking=True, memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(im_q, im_k)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"moco.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"moco.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "moco", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.encoder_q[1].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "encoder": model.encoder_q[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -258,158 +410,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-class GaussianBlur:
-    """PIL Gaussian blur with sigma ~ U(lo, hi), as MoCo v2's aug-plus."""
-
-    def __init__(self, sigma):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-class TwoViews:
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, x):
-        return self.transform(x), self.transform(x)
-
-
-def aug_plus(size):
-    s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
-
-
-def info_nce(q, k, queue, tau):
-    """Cross-entropy with the positive key at index 0 and the queue as negatives; q, k, queue L2-normalised."""
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    l_neg = q @ queue.T
-    logits = torch.cat([l_pos, l_neg], dim=1).float() / tau
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-
-
-class MoCo(nn.Module):
-    def __init__(self, arch, arch_kwargs, dim, K, m, tau, bn_splits):
-        super().__init__()
-        self.K, self.m, self.tau, self.bn_splits = K, m, tau, bn_splits
-        backbone, feat = build_backbone(arch, arch_kwargs)
-        self.encoder_q = nn.Sequential(backbone, nn.Linear(feat, feat), nn.ReLU(), nn.Linear(feat, dim))  # no BN in head
-        self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def momentum_update(self):  # parameters only: the key encoder's BN statistics are its own
-        for pk, pq in zip(self.encoder_k.parameters(), self.encoder_q.parameters()):
-            pk.mul_(self.m).add_(pq.detach(), alpha=1 - self.m)
-
-    @torch.no_grad()
-    def enqueue(self, k):
-        idx = (self.queue_ptr + torch.arange(len(k), device=k.device)) % self.K  # on device: no host sync
-        self.queue[idx] = k.to(self.queue.dtype)
-        self.queue_ptr.copy_((self.queue_ptr + len(k)) % self.K)
-
-    @torch.no_grad()
-    def keys(self, im_k):
-        """Shuffle BN: the key batch's BN statistics come from a random subset, so they cannot give the positive away."""
-        if dist.is_initialized() and dist.get_world_size() > 1:  # reference: shuffle across processes
-            world, rank = dist.get_world_size(), dist.get_rank()
-            all_k = gather(im_k)
-            perm = torch.randperm(len(all_k), device=all_k.device)
-            dist.broadcast(perm, 0)
-            k = gather(F.normalize(self.encoder_k(all_k[perm.view(world, -1)[rank]]), dim=1))
-            return k[torch.argsort(perm)].view(world, -1, k.shape[1])[rank]
-        perm = torch.randperm(len(im_k), device=im_k.device)  # one process: chunks with their own BN statistics
-        k = torch.cat([self.encoder_k(chunk) for chunk in im_k[perm].chunk(self.bn_splits)])
-        return F.normalize(k, dim=1)[torch.argsort(perm)]
-
-    def forward(self, im_q, im_k):
-        q = F.normalize(self.encoder_q(im_q), dim=1)
-        with torch.no_grad():
-            self.momentum_update()  # before the keys, as the reference
-            k = self.keys(im_k)
-        loss = info_nce(q, k, self.queue.clone(), self.tau)  # negatives: the queue as it was before this batch
-        self.enqueue(gather(k))  # every process enqueues the keys of all processes
-        return loss
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    if args.queue_size % args.batch_size:
-        raise InputError(f"--queue-size {args.queue_size} must be divisible by the global batch size {args.batch_size}")
-    samples = read_list(args.train_list)
-    arch_kwargs = {"small_stem": args.small_stem}
-    model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "moco" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a moco.py checkpoint with training state (method {ckpt['method']})")
-        model.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    loader, sampler = make_loader(FileList(samples, TwoViews(aug_plus(args.image_size)), args.seed), args, rank, world, device)
-    shuffle_bn = f"across {world} processes" if world > 1 else f"{args.bn_splits} chunks on one process (emulated)"
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "shuffle_bn": shuffle_bn,
-               "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
-    if rank == 0:
-        print(f"moco.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
-              f"shuffle BN: {shuffle_bn}")
-
-    for epoch in range(start, args.epochs):
-        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # per-epoch cosine, no warmup
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.epoch = epoch
-        model.train()
-        t0, total = time.time(), torch.zeros((), device=device)
-        for step, ((im_q, im_k), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
-            im_k = im_k.to(device, non_blocking=True, memory_format=memory_format)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                loss = net(im_q, im_k)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
-                sys.exit(f"moco.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
-        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-        if not math.isfinite(record["loss"]):
-            sys.exit(f"moco.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
-                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "moco", "arch": args.arch, "arch_kwargs": arch_kwargs,
-                "feature_dim": model.encoder_q[1].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
-                "encoder": model.encoder_q[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

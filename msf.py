@@ -69,6 +69,161 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class GaussianBlur:
+    """PIL Gaussian blur with sigma ~ U(lo, hi), as MoCo v2's aug-plus."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+    def __call__(self, x):
+        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class TwoViews:
+    def __init__(self, online, target):
+        self.online, self.target = online, target
+
+    def __call__(self, x):
+        return self.online(x), self.target(x)
+
+
+def strong_aug(size):
+    s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def weak_aug(size):
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+
+
+def mlp(in_dim, hidden, out_dim):
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+def nearest_neighbours(t, bank, k):
+    """Indices of the k bank rows closest to t: largest t . bank_j = smallest ||t - bank_j||^2 = 2 - 2 t . bank_j."""
+    return (t @ bank.T).topk(k, dim=1).indices
+
+
+def mean_shift_loss(q, t, bank, k):
+    """Mean over the k nearest neighbours of the TARGET t of ||q - bank_j||^2 = 2 - 2 q . bank_j (q, t, bank unit)."""
+    with torch.autocast(q.device.type, enabled=False):  # fp32 similarities: t must rank itself first
+        neighbours = bank[nearest_neighbours(t.float(), bank, k)]  # B x k x D, no gradient
+        return (2 - 2 * torch.einsum("bd,bkd->bk", q.float(), neighbours)).mean()
+
+
+class MSF(nn.Module):
+    def __init__(self, arch, arch_kwargs, hidden, dim, K, m, topk):
+        super().__init__()
+        self.K, self.m, self.topk = K, m, topk
+        backbone, feat = build_backbone(arch, arch_kwargs)
+        self.online = nn.Sequential(backbone, mlp(feat, hidden, dim))  # encoder + projector
+        self.predictor = mlp(dim, hidden, dim)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)  # stays in train mode: batch-stat BN
+        self.register_buffer("bank", F.normalize(torch.randn(K, dim), dim=1))  # random unit vectors until filled
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def momentum_update(self):  # parameters only: the target's BN statistics are its own
+        for pt, po in zip(self.target.parameters(), self.online.parameters()):
+            pt.mul_(self.m).add_(po.detach(), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def enqueue(self, t):
+        idx = (self.bank_ptr + torch.arange(len(t), device=t.device)) % self.K  # on device: no host sync
+        self.bank[idx] = t.to(self.bank.dtype)
+        self.bank_ptr.copy_((self.bank_ptr + len(t)) % self.K)
+
+    def forward(self, im_q, im_t):
+        q = F.normalize(self.predictor(self.online(im_q)).float(), dim=1)
+        with torch.no_grad():
+            self.momentum_update()  # before the target forward, as the reference
+            t = F.normalize(self.target(im_t).float(), dim=1)
+            self.enqueue(gather(t))  # all processes' targets, before the search: t is its own first neighbour
+        return mean_shift_loss(q, t, self.bank, self.topk)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    samples = read_list(args.train_list)
+    per_epoch = len(samples) // args.batch_size * args.batch_size  # images in the whole global batches of one epoch
+    if args.bank_size <= per_epoch and args.bank_size % args.batch_size:
+        raise InputError(f"--bank-size {args.bank_size} must be divisible by the global batch size {args.batch_size}")
+    K = min(args.bank_size, per_epoch)
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
+                                weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "msf" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a msf.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    target_aug, online_aug = ({"weak": weak_aug, "strong": strong_aug}[a] for a in args.augmentation.split("/"))
+    views = TwoViews(online_aug(args.image_size), target_aug(args.image_size))
+    loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
+    bank = f"{K}" if K == args.bank_size else f"{K} (--bank-size {args.bank_size} capped at one epoch's {per_epoch} images)"
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "bank_size": K, "bank": bank, "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"msf.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, bank {bank}")
+
+    for epoch in range(start, args.epochs):
+        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # per-epoch cosine, no warmup
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.epoch = epoch
+        model.train()
+        t0, total = time.time(), torch.zeros((), device=device)
+        for step, ((im_q, im_t), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
+            im_t = im_t.to(device, non_blocking=True, memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss = net(im_q, im_t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"msf.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"msf.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
+                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "msf", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.online[1][0].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "encoder": model.online[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -267,161 +422,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-class GaussianBlur:
-    """PIL Gaussian blur with sigma ~ U(lo, hi), as MoCo v2's aug-plus."""
-
-    def __init__(self, sigma):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
-class TwoViews:
-    def __init__(self, online, target):
-        self.online, self.target = online, target
-
-    def __call__(self, x):
-        return self.online(x), self.target(x)
-
-
-def strong_aug(size):
-    s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
-
-
-def weak_aug(size):
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
-
-
-def mlp(in_dim, hidden, out_dim):
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
-
-
-def nearest_neighbours(t, bank, k):
-    """Indices of the k bank rows closest to t: largest t . bank_j = smallest ||t - bank_j||^2 = 2 - 2 t . bank_j."""
-    return (t @ bank.T).topk(k, dim=1).indices
-
-
-def mean_shift_loss(q, t, bank, k):
-    """Mean over the k nearest neighbours of the TARGET t of ||q - bank_j||^2 = 2 - 2 q . bank_j (q, t, bank unit)."""
-    with torch.autocast(q.device.type, enabled=False):  # fp32 similarities: t must rank itself first
-        neighbours = bank[nearest_neighbours(t.float(), bank, k)]  # B x k x D, no gradient
-        return (2 - 2 * torch.einsum("bd,bkd->bk", q.float(), neighbours)).mean()
-
-
-class MSF(nn.Module):
-    def __init__(self, arch, arch_kwargs, hidden, dim, K, m, topk):
-        super().__init__()
-        self.K, self.m, self.topk = K, m, topk
-        backbone, feat = build_backbone(arch, arch_kwargs)
-        self.online = nn.Sequential(backbone, mlp(feat, hidden, dim))  # encoder + projector
-        self.predictor = mlp(dim, hidden, dim)
-        self.target = copy.deepcopy(self.online).requires_grad_(False)  # stays in train mode: batch-stat BN
-        self.register_buffer("bank", F.normalize(torch.randn(K, dim), dim=1))  # random unit vectors until filled
-        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def momentum_update(self):  # parameters only: the target's BN statistics are its own
-        for pt, po in zip(self.target.parameters(), self.online.parameters()):
-            pt.mul_(self.m).add_(po.detach(), alpha=1 - self.m)
-
-    @torch.no_grad()
-    def enqueue(self, t):
-        idx = (self.bank_ptr + torch.arange(len(t), device=t.device)) % self.K  # on device: no host sync
-        self.bank[idx] = t.to(self.bank.dtype)
-        self.bank_ptr.copy_((self.bank_ptr + len(t)) % self.K)
-
-    def forward(self, im_q, im_t):
-        q = F.normalize(self.predictor(self.online(im_q)).float(), dim=1)
-        with torch.no_grad():
-            self.momentum_update()  # before the target forward, as the reference
-            t = F.normalize(self.target(im_t).float(), dim=1)
-            self.enqueue(gather(t))  # all processes' targets, before the search: t is its own first neighbour
-        return mean_shift_loss(q, t, self.bank, self.topk)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    samples = read_list(args.train_list)
-    per_epoch = len(samples) // args.batch_size * args.batch_size  # images in the whole global batches of one epoch
-    if args.bank_size <= per_epoch and args.bank_size % args.batch_size:
-        raise InputError(f"--bank-size {args.bank_size} must be divisible by the global batch size {args.batch_size}")
-    K = min(args.bank_size, per_epoch)
-    arch_kwargs = {"small_stem": args.small_stem}
-    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
-                                weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "msf" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a msf.py checkpoint with training state (method {ckpt['method']})")
-        model.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    target_aug, online_aug = ({"weak": weak_aug, "strong": strong_aug}[a] for a in args.augmentation.split("/"))
-    views = TwoViews(online_aug(args.image_size), target_aug(args.image_size))
-    loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
-    bank = f"{K}" if K == args.bank_size else f"{K} (--bank-size {args.bank_size} capped at one epoch's {per_epoch} images)"
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "steps_per_epoch": len(loader), "bank_size": K, "bank": bank, "args": vars(args)}, rank)
-    if rank == 0:
-        print(f"msf.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, bank {bank}")
-
-    for epoch in range(start, args.epochs):
-        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # per-epoch cosine, no warmup
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.epoch = epoch
-        model.train()
-        t0, total = time.time(), torch.zeros((), device=device)
-        for step, ((im_q, im_t), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
-            im_t = im_t.to(device, non_blocking=True, memory_format=memory_format)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                loss = net(im_q, im_t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
-                sys.exit(f"msf.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
-        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-        if not math.isfinite(record["loss"]):
-            sys.exit(f"msf.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
-                  f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "msf", "arch": args.arch, "arch_kwargs": arch_kwargs,
-                "feature_dim": model.online[1][0].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
-                "encoder": model.online[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,96 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def rotations(x):
+    """(B, C, H, W) -> (4B, C, H, W): each image rotated by 0, 90, 180, 270 degrees counter-clockwise, its 4 copies
+    next to each other as in the reference's collate, and the labels 0, 1, 2, 3 = the number of quarter turns."""
+    x4 = torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)], dim=1).flatten(0, 1)
+    return x4, torch.arange(4, device=x.device).repeat(len(x))
+
+
+def step_lr(lr, epoch, milestones):
+    return lr * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+class RotNet(nn.Module):
+    def __init__(self, arch, arch_kwargs):
+        super().__init__()
+        self.backbone, feat = build_backbone(arch, arch_kwargs)
+        self.fc = nn.Linear(feat, 4)
+
+    def forward(self, x, y):
+        logits = self.fc(self.backbone(x)).float()
+        return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup(args)
+    samples = read_list(args.train_list)
+    arch_kwargs = {"small_stem": args.small_stem}
+    model = RotNet(args.arch, arch_kwargs).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != "rotnet" or "train_state" not in ckpt:
+            raise InputError(f"{args.resume}: not a rotnet.py checkpoint with training state (method {ckpt['method']})")
+        model.load_state_dict(ckpt["train_state"]["model"])
+        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
+        set_rng_state(ckpt["train_state"]["rng"])
+        start = ckpt["epoch"]
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    augment = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    loader, sampler = make_loader(FileList(samples, augment, args.seed), args, rank, world, device)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+               "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    if rank == 0:
+        print(f"rotnet.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
+              f"{4 * args.batch_size // world} rotated samples per process and step")
+
+    for epoch in range(start, args.epochs):
+        lr = step_lr(args.lr, epoch, args.milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.epoch = epoch
+        model.train()
+        t0, total, correct = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
+        for step, (im, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
+            x, y = rotations(im.to(device, non_blocking=True))
+            x = x.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+                loss, hits = net(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            correct += hits
+            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
+                sys.exit(f"rotnet.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
+        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds,  # source images, not rotated samples
+                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                  "pretext_acc": 100.0 * correct.item() / (4 * len(loader) * args.batch_size // world)}  # this process
+        if not math.isfinite(record["loss"]):
+            sys.exit(f"rotnet.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
+        log(args, record, rank)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  pretext acc {record['pretext_acc']:.1f}%  "
+                  f"lr {lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
+        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
+                "method": "rotnet", "arch": args.arch, "arch_kwargs": arch_kwargs,
+                "feature_dim": model.fc.in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
+                "encoder": model.backbone.state_dict(), "epoch": epoch + 1, "args": vars(args),
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+    if world > 1:
+        dist.destroy_process_group()
+
+
 # shared: file lists (same in every script)
 class InputError(Exception):
     """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
@@ -258,96 +348,6 @@ def log(args, record, rank):
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared
-
-
-def rotations(x):
-    """(B, C, H, W) -> (4B, C, H, W): each image rotated by 0, 90, 180, 270 degrees counter-clockwise, its 4 copies
-    next to each other as in the reference's collate, and the labels 0, 1, 2, 3 = the number of quarter turns."""
-    x4 = torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)], dim=1).flatten(0, 1)
-    return x4, torch.arange(4, device=x.device).repeat(len(x))
-
-
-def step_lr(lr, epoch, milestones):
-    return lr * 0.1 ** sum(epoch >= m for m in milestones)
-
-
-class RotNet(nn.Module):
-    def __init__(self, arch, arch_kwargs):
-        super().__init__()
-        self.backbone, feat = build_backbone(arch, arch_kwargs)
-        self.fc = nn.Linear(feat, 4)
-
-    def forward(self, x, y):
-        logits = self.fc(self.backbone(x)).float()
-        return F.cross_entropy(logits, y), (logits.argmax(1) == y).sum()
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup(args)
-    samples = read_list(args.train_list)
-    arch_kwargs = {"small_stem": args.small_stem}
-    model = RotNet(args.arch, arch_kwargs).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "rotnet" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a rotnet.py checkpoint with training state (method {ckpt['method']})")
-        model.load_state_dict(ckpt["train_state"]["model"])
-        optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
-        start = ckpt["epoch"]
-    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    augment = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    loader, sampler = make_loader(FileList(samples, augment, args.seed), args, rank, world, device)
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "steps_per_epoch": len(loader), "args": vars(args)}, rank)
-    if rank == 0:
-        print(f"rotnet.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
-              f"{4 * args.batch_size // world} rotated samples per process and step")
-
-    for epoch in range(start, args.epochs):
-        lr = step_lr(args.lr, epoch, args.milestones)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.epoch = epoch
-        model.train()
-        t0, total, correct = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
-        for step, (im, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            x, y = rotations(im.to(device, non_blocking=True))
-            x = x.contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-                loss, hits = net(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            correct += hits
-            if (step + 1) % args.log_every == 0 and not torch.isfinite(total):  # the only host sync in the loop
-                sys.exit(f"rotnet.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
-        epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
-        seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
-                  "images_per_s": len(loader) * args.batch_size / seconds,  # source images, not rotated samples
-                  "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-                  "pretext_acc": 100.0 * correct.item() / (4 * len(loader) * args.batch_size // world)}  # this process
-        if not math.isfinite(record["loss"]):
-            sys.exit(f"rotnet.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
-        if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  pretext acc {record['pretext_acc']:.1f}%  "
-                  f"lr {lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
-                "method": "rotnet", "arch": args.arch, "arch_kwargs": arch_kwargs,
-                "feature_dim": model.fc.in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
-                "encoder": model.backbone.state_dict(), "epoch": epoch + 1, "args": vars(args),
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
