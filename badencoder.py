@@ -124,17 +124,14 @@ def eval_view(size):
 
 
 class ShadowViews:
-    """Shadow image -> (x, x + e_k for each k, aug(ref_k) for each k) as normalised tensors (reference note 1.3)."""
+    """Host half: shadow image -> (x, x + e_k for each k, (flipped ref_k, its colour parameters) for each k) as uint8
+    tensors (reference note 1.3); the reference view's colour jitter and grayscale run batched on the device."""
 
-    def __init__(self, size, triggers, references, location, lo_hi, opacity, mean, std):
-        self.view, self.normalize = eval_view(size), T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    def __init__(self, size, triggers, references, location, lo_hi, opacity):
+        self.view, self.uint8, self.flip = eval_view(size), T.PILToTensor(), T.RandomHorizontalFlip()
         self.triggers, self.references = triggers, references
         self.location, self.lo_hi, self.opacity = location, lo_hi, opacity
-        self.augment = T.Compose([  # L1's reference view: no crop (reference note 3.2)
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ])
+        self.color = Photometric(p_gray=0.2, p_blur=0, sigma=(0.0, 0.0))  # L1's reference view: no crop, no blur (3.2)
 
     def triggered(self, x, e):
         x0, y0 = (corner(x.size[0], t, self.location, self.lo_hi) for t in (e.shape[1], e.shape[0]))
@@ -142,9 +139,9 @@ class ShadowViews:
 
     def __call__(self, image):
         x = self.view(image)
-        x_bd = torch.stack([self.normalize(self.triggered(x, e)) for e in self.triggers])
-        r_aug = torch.stack([self.normalize(self.augment(r)) for r in self.references])
-        return self.normalize(x), x_bd, r_aug
+        x_bd = torch.stack([self.uint8(self.triggered(x, e)) for e in self.triggers])
+        r = torch.stack([self.uint8(self.flip(r)) for r in self.references])
+        return self.uint8(x), x_bd, (r, torch.stack([self.color.draw() for _ in self.references]))
 
 
 def badencoder_loss(z, z_bd, r, r_aug, z_c, r_c):
@@ -198,12 +195,13 @@ def main(argv=None):
     ref_list = FileList(read_list(args.reference_list), eval_view(size))
     references = [ref_list[i][0] for i in range(len(ref_list))]
     triggers = load_triggers(args, size, len(references))
-    views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity,
-                        src["mean"], src["std"])
-    ref = torch.stack([views.normalize(r) for r in references]).to(device)
+    views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity)
+    memory_format = torch.channels_last if device.type == "cuda" and src["arch"] != "vit" else torch.contiguous_format
+    normalised = lambda x, augment=None, params=None: to_device(x, device, memory_format, src["mean"], src["std"],
+                                                                augment, params)
+    ref = normalised(torch.stack([views.uint8(r) for r in references]))
     model = BadEncoder(f).to(device)
-    if device.type == "cuda" and src["arch"] != "vit":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
@@ -229,9 +227,10 @@ def main(argv=None):
         sampler.epoch = epoch
         model.train()
         t0, total = time.time(), torch.zeros(4, device=device)
-        for step, ((x, x_bd, r_aug), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
-                                                             disable=rank != 0)):
-            x, x_bd, r_aug = (v.to(device, non_blocking=True) for v in (x, x_bd, r_aug))
+        for step, ((x, x_bd, (r, p)), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                                              disable=rank != 0)):
+            x, x_bd = normalised(x), normalised(x_bd.flatten(0, 1)).unflatten(0, x_bd.shape[:2])  # uint8 in
+            r_aug = normalised(r.flatten(0, 1), views.color, p.flatten(0, 1)).unflatten(0, r.shape[:2])  # colour ops
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 l0, l1, l2 = net(x, x_bd, r_aug, ref)
             loss = l0 + args.lambda1 * l1 + args.lambda2 * l2
@@ -263,6 +262,84 @@ def main(argv=None):
                 "train_state": {"model": encoder, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
     if world > 1:
         dist.destroy_process_group()
+
+
+# shared: photometric augmentation (same in moco.py, byol.py, msf.py, badencoder.py)
+class Photometric:
+    """The colour half of SimCLR / MoCo v2 augmentation, split in two. draw() runs per view in a loader worker, on the
+    sample's seeded RNG, and returns the view's 11 parameters; calling it applies a batch of them on the device, in
+    float [0, 1], with torchvision's ColorJitter semantics (each view has its own order of the four jitter ops)."""
+
+    def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)):
+        self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.sigma = jitter, p_jitter, p_gray, p_blur, sigma
+        self.k = 2 * math.ceil(3 * sigma[1]) + 1  # one blur kernel size for the batch: 3 sigma on each side
+
+    def draw(self):
+        """[jitter on, brightness, contrast, saturation, hue, order of the four ops (4), gray on, blur sigma (0: off)]."""
+        u = lambda lo, hi: torch.empty(()).uniform_(lo, hi).item()
+        b, c, s, h = self.jitter
+        on = float(torch.rand(()) < self.p_jitter)
+        factors = [u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)]
+        order = torch.randperm(4).tolist()
+        gray = float(torch.rand(()) < self.p_gray)
+        sigma = u(*self.sigma) if torch.rand(()) < self.p_blur else 0.0
+        return torch.tensor([on, *factors, *order, gray, sigma])
+
+    def __call__(self, x, params):
+        v = lambda t: t.view(-1, 1, 1, 1)  # one value per view, broadcast over its pixels
+        on, factors, order, gray, sigma = params[:, 0], params[:, 1:5], params[:, 5:9].long(), params[:, 9], params[:, 10]
+        for j in range(4):
+            op = order[:, j]  # 0 brightness, 1 contrast, 2 saturation, 3 hue
+            f = factors.gather(1, op[:, None])[:, 0]
+            y = luma(x)
+            base = torch.where(v(op == 1), y.mean((1, 2, 3), keepdim=True), y) * v(op != 0)  # 0 / mean gray / gray
+            out = torch.where(v(op == 3), adjust_hue(x, f), (v(f) * x + (1 - v(f)) * base).clamp(0, 1))
+            x = torch.where(v(on > 0), out, x)
+        x = torch.where(v(gray > 0), luma(x).expand_as(x), x)
+        return gaussian_blur(x, sigma, self.k)
+
+
+def luma(x):
+    """torchvision's grayscale (ITU-R 601-2 weights), keeping a channel dimension of 1."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def adjust_hue(x, h):
+    """Rotate each view's hue by h (turns, in [-0.5, 0.5]): RGB -> HSV, shift, HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    d = torch.where(delta > 0, delta, 1)
+    hue = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    hue = (hue / 6 + h.view(-1, 1, 1)) % 1
+    s = delta / torch.where(maxc > 0, maxc, 1)
+    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + 6 * hue[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def gaussian_blur(x, sigma, k):
+    """Separable Gaussian blur with a per-view sigma (0: a delta kernel, the identity), as two grouped convolutions
+    over all views at once; k x k kernel, reflect padding, as torchvision's gaussian_blur."""
+    n, c, hgt, wid = x.shape
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    g = torch.exp(-0.5 * (t / sigma.to(x.dtype).clamp(min=1e-3)[:, None]) ** 2)
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one 1-D kernel per view and channel
+    y = F.pad(x.reshape(1, n * c, hgt, wid), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(F.conv2d(y, g[:, None, None, :], groups=n * c), g[:, None, :, None], groups=n * c)
+    return y.view(n, c, hgt, wid)
+# end shared
+
+
+# shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
+def to_device(x, device, memory_format, mean, std, augment=None, params=None):
+    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
+    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    if augment is not None:
+        x = augment(x, params.to(device, non_blocking=True))
+    x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+# end shared
 
 
 # shared: file lists (same in every script)

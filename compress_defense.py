@@ -66,9 +66,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def weak_view(size, mean, std):
-    """The reference's only view, shared by teacher, student and student key: no colour jitter, grayscale or blur."""
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+def weak_view(size):
+    """The reference's only view, shared by teacher, student and student key: no colour jitter, grayscale or blur.
+    uint8 out of the loader; normalised on the device with the teacher's mean and std."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
 def init_bank(K, dim):
@@ -164,7 +165,7 @@ def main(argv=None):
         set_rng_state(ckpt["train_state"]["rng"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    view = weak_view(args.image_size, tckpt["mean"], tckpt["std"])
+    view = weak_view(args.image_size)
     loader, sampler = make_loader(FileList(samples, view, args.seed), args, rank, world, device)
     teacher_info = {"path": os.path.abspath(args.teacher), "method": tckpt["method"], "arch": tckpt["arch"],
                     "epoch": tckpt["epoch"]}
@@ -184,7 +185,7 @@ def main(argv=None):
         model.train()
         t0, total = time.time(), torch.zeros((), device=device)
         for step, (x, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            x = to_device(x, device, memory_format, tckpt["mean"], tckpt["std"])
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 loss = net(x)
             optimizer.zero_grad(set_to_none=True)
@@ -213,6 +214,18 @@ def main(argv=None):
                 "train_state": {"model": state, "optimizer": optimizer.state_dict(), "rng": rng_state()}})
     if world > 1:
         dist.destroy_process_group()
+
+
+# shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
+def to_device(x, device, memory_format, mean, std, augment=None, params=None):
+    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
+    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    if augment is not None:
+        x = augment(x, params.to(device, non_blocking=True))
+    x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+# end shared
 
 
 # shared: file lists (same in every script)

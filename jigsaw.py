@@ -101,23 +101,28 @@ def shuffle_tiles(x, perm, cell, tile):
 
 
 class JigsawTransform:
-    """Image -> (9 tiles in their permuted slots, permutation index); one fresh random permutation per sample."""
+    """Host half: image -> (9 uint8 tiles in their permuted slots, colour flags), permutation index; one fresh random
+    permutation per sample. The colour ops act per pixel, so they run on the tiles, batched on the device."""
 
     def __init__(self, perms, image_size):
         resize, crop, self.cell, self.tile = jigsaw_sizes(image_size)
-        self.perms, self.crop = perms, T.Compose([T.Resize(resize), T.RandomCrop(crop)])
-        self.normalize = T.Normalize(MEAN, STD)
+        self.perms, self.crop = perms, T.Compose([T.Resize(resize), T.RandomCrop(crop), T.PILToTensor()])
 
     def __call__(self, image):
-        image = self.crop(image)
+        x = self.crop(image)
         gray, project = (torch.rand(2) < 0.5).tolist()  # 50% gray, 25% projected, 25% as is: no chromatic shortcut
-        if gray:
-            image = T.functional.rgb_to_grayscale(image, 3)
-        x = T.functional.to_tensor(image)
-        if not gray and project:
-            x = torch.einsum("ij,jhw->ihw", COLOR_PROJECTION, x)  # on [0, 1] values, not clipped
         y = torch.randint(len(self.perms), ())
-        return shuffle_tiles(self.normalize(x), self.perms[y].tolist(), self.cell, self.tile), y
+        flags = torch.tensor([gray, project and not gray], dtype=torch.float32)
+        return (shuffle_tiles(x, self.perms[y].tolist(), self.cell, self.tile), flags), y
+
+
+def jigsaw_color(x, flags):
+    """Device half, on float [0, 1] tiles (B, 9, 3, t, t): grayscale where flags[:, 0], the colour projection where
+    flags[:, 1] (on [0, 1] values, not clipped, as the reference)."""
+    gray, project = (flags[:, i].view(-1, 1, 1, 1, 1) > 0 for i in (0, 1))
+    y = (x * x.new_tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)).sum(-3, keepdim=True).expand_as(x)
+    p = torch.einsum("ij,...jhw->...ihw", COLOR_PROJECTION.to(x.device), x)
+    return torch.where(gray, y, torch.where(project, p, x))
 
 
 def param_groups(model, weight_decay):
@@ -185,8 +190,10 @@ def main(argv=None):
         sampler.epoch = epoch
         model.train()
         t0, total, correct = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
-        for step, ((tiles, y), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            tiles = [x.contiguous(memory_format=memory_format) for x in tiles.to(device, non_blocking=True).unbind(1)]
+        for step, (((tiles, flags), y), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                                                 disable=rank != 0)):
+            tiles = to_device(tiles, device, memory_format, MEAN, STD, jigsaw_color, flags)  # B x 9 x 3 x t x t
+            tiles = [x.contiguous(memory_format=memory_format) for x in tiles.unbind(1)]
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 loss, hits = net(tiles, y)
@@ -217,6 +224,18 @@ def main(argv=None):
                 "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
     if world > 1:
         dist.destroy_process_group()
+
+
+# shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
+def to_device(x, device, memory_format, mean, std, augment=None, params=None):
+    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
+    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    if augment is not None:
+        x = augment(x, params.to(device, non_blocking=True))
+    x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+# end shared
 
 
 # shared: file lists (same in every script)

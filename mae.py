@@ -209,7 +209,7 @@ def main(argv=None):
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     transform = T.Compose([T.RandomResizedCrop(args.image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])  # no colour augmentation
+                           T.RandomHorizontalFlip(), T.PILToTensor()])  # uint8; no colour augmentation
     loader, sampler = make_loader(FileList(samples, transform, args.seed), args, rank, world, device)
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "arch_kwargs": arch_kwargs, "peak_lr": lr,
                "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
@@ -225,7 +225,7 @@ def main(argv=None):
             lr_now = learning_rate(epoch + step / len(loader), lr, args)  # per iteration
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
-            imgs = imgs.to(device, non_blocking=True)
+            imgs = to_device(imgs, device, torch.contiguous_format, MEAN, STD)  # normalised on the device
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 loss = net(imgs)
             optimizer.zero_grad(set_to_none=True)
@@ -253,6 +253,18 @@ def main(argv=None):
                 "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
     if world > 1:
         dist.destroy_process_group()
+
+
+# shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
+def to_device(x, device, memory_format, mean, std, augment=None, params=None):
+    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
+    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    if augment is not None:
+        x = augment(x, params.to(device, non_blocking=True))
+    x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+# end shared
 
 
 # shared: file lists (same in every script)

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image
 from tqdm import tqdm
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -69,40 +69,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class GaussianBlur:
-    """PIL Gaussian blur with sigma ~ U(lo, hi), as MoCo v2's aug-plus."""
-
-    def __init__(self, sigma):
-        self.sigma = sigma
-
-    def __call__(self, x):
-        return x.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
-
-
 class TwoViews:
+    """The host half of the augmentation: an image -> (online view, target view), each (uint8 crop, colour parameters)."""
+
     def __init__(self, online, target):
-        self.online, self.target = online, target
+        self.online, self.target = online, target  # (geometry, Photometric) pairs
 
     def __call__(self, x):
-        return self.online(x), self.target(x)
+        return [(geometry(x), color.draw()) for geometry, color in (self.online, self.target)]
 
 
 def strong_aug(size):
+    """MoCo v2's aug-plus: crop and flip on uint8 in the loader; colour jitter (p 0.8), grayscale (p 0.2) and blur
+    (p 0.5) batched on the device (the flip commutes with the colour ops)."""
     s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([GaussianBlur((0.1 * s, 2.0 * s))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    geometry = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
+    return geometry, Photometric(p_gray=0.2, sigma=(0.1 * s, 2.0 * s))
 
 
 def weak_aug(size):
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(MEAN, STD)])
+    """Crop and flip only: the colour half applies nothing."""
+    geometry = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
+    return geometry, Photometric(p_jitter=0, p_gray=0, p_blur=0, sigma=(0.0, 0.0))
 
 
 def mlp(in_dim, hidden, out_dim):
@@ -177,7 +165,8 @@ def main(argv=None):
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     target_aug, online_aug = ({"weak": weak_aug, "strong": strong_aug}[a] for a in args.augmentation.split("/"))
-    views = TwoViews(online_aug(args.image_size), target_aug(args.image_size))
+    online, target = online_aug(args.image_size), target_aug(args.image_size)
+    views = TwoViews(online, target)
     loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
     bank = f"{K}" if K == args.bank_size else f"{K} (--bank-size {args.bank_size} capped at one epoch's {per_epoch} images)"
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
@@ -192,9 +181,10 @@ def main(argv=None):
         sampler.epoch = epoch
         model.train()
         t0, total = time.time(), torch.zeros((), device=device)
-        for step, ((im_q, im_t), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
-            im_t = im_t.to(device, non_blocking=True, memory_format=memory_format)
+        for step, (((q, pq), (t, pt)), _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                                                                disable=rank != 0)):
+            im_q = to_device(q, device, memory_format, MEAN, STD, online[1], pq)  # uint8 in, colour ops on the device
+            im_t = to_device(t, device, memory_format, MEAN, STD, target[1], pt)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 loss = net(im_q, im_t)
             optimizer.zero_grad(set_to_none=True)
@@ -222,6 +212,84 @@ def main(argv=None):
                 "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
     if world > 1:
         dist.destroy_process_group()
+
+
+# shared: photometric augmentation (same in moco.py, byol.py, msf.py, badencoder.py)
+class Photometric:
+    """The colour half of SimCLR / MoCo v2 augmentation, split in two. draw() runs per view in a loader worker, on the
+    sample's seeded RNG, and returns the view's 11 parameters; calling it applies a batch of them on the device, in
+    float [0, 1], with torchvision's ColorJitter semantics (each view has its own order of the four jitter ops)."""
+
+    def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)):
+        self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.sigma = jitter, p_jitter, p_gray, p_blur, sigma
+        self.k = 2 * math.ceil(3 * sigma[1]) + 1  # one blur kernel size for the batch: 3 sigma on each side
+
+    def draw(self):
+        """[jitter on, brightness, contrast, saturation, hue, order of the four ops (4), gray on, blur sigma (0: off)]."""
+        u = lambda lo, hi: torch.empty(()).uniform_(lo, hi).item()
+        b, c, s, h = self.jitter
+        on = float(torch.rand(()) < self.p_jitter)
+        factors = [u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)]
+        order = torch.randperm(4).tolist()
+        gray = float(torch.rand(()) < self.p_gray)
+        sigma = u(*self.sigma) if torch.rand(()) < self.p_blur else 0.0
+        return torch.tensor([on, *factors, *order, gray, sigma])
+
+    def __call__(self, x, params):
+        v = lambda t: t.view(-1, 1, 1, 1)  # one value per view, broadcast over its pixels
+        on, factors, order, gray, sigma = params[:, 0], params[:, 1:5], params[:, 5:9].long(), params[:, 9], params[:, 10]
+        for j in range(4):
+            op = order[:, j]  # 0 brightness, 1 contrast, 2 saturation, 3 hue
+            f = factors.gather(1, op[:, None])[:, 0]
+            y = luma(x)
+            base = torch.where(v(op == 1), y.mean((1, 2, 3), keepdim=True), y) * v(op != 0)  # 0 / mean gray / gray
+            out = torch.where(v(op == 3), adjust_hue(x, f), (v(f) * x + (1 - v(f)) * base).clamp(0, 1))
+            x = torch.where(v(on > 0), out, x)
+        x = torch.where(v(gray > 0), luma(x).expand_as(x), x)
+        return gaussian_blur(x, sigma, self.k)
+
+
+def luma(x):
+    """torchvision's grayscale (ITU-R 601-2 weights), keeping a channel dimension of 1."""
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def adjust_hue(x, h):
+    """Rotate each view's hue by h (turns, in [-0.5, 0.5]): RGB -> HSV, shift, HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    d = torch.where(delta > 0, delta, 1)
+    hue = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    hue = (hue / 6 + h.view(-1, 1, 1)) % 1
+    s = delta / torch.where(maxc > 0, maxc, 1)
+    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + 6 * hue[:, None]) % 6
+    return maxc[:, None] * (1 - s[:, None] * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def gaussian_blur(x, sigma, k):
+    """Separable Gaussian blur with a per-view sigma (0: a delta kernel, the identity), as two grouped convolutions
+    over all views at once; k x k kernel, reflect padding, as torchvision's gaussian_blur."""
+    n, c, hgt, wid = x.shape
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    g = torch.exp(-0.5 * (t / sigma.to(x.dtype).clamp(min=1e-3)[:, None]) ** 2)
+    g = (g / g.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one 1-D kernel per view and channel
+    y = F.pad(x.reshape(1, n * c, hgt, wid), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(F.conv2d(y, g[:, None, None, :], groups=n * c), g[:, None, :, None], groups=n * c)
+    return y.view(n, c, hgt, wid)
+# end shared
+
+
+# shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
+def to_device(x, device, memory_format, mean, std, augment=None, params=None):
+    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
+    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    if augment is not None:
+        x = augment(x, params.to(device, non_blocking=True))
+    x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+# end shared
 
 
 # shared: file lists (same in every script)

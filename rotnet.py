@@ -101,7 +101,7 @@ def main(argv=None):
         set_rng_state(ckpt["train_state"]["rng"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    augment = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    augment = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.PILToTensor()])  # uint8
     loader, sampler = make_loader(FileList(samples, augment, args.seed), args, rank, world, device)
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
                "steps_per_epoch": len(loader), "args": vars(args)}, rank)
@@ -117,7 +117,7 @@ def main(argv=None):
         model.train()
         t0, total, correct = time.time(), torch.zeros((), device=device), torch.zeros((), device=device)
         for step, (im, _, _) in enumerate(tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=rank != 0)):
-            x, y = rotations(im.to(device, non_blocking=True))
+            x, y = rotations(to_device(im, device, torch.contiguous_format, MEAN, STD))  # normalised on the device
             x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 loss, hits = net(x, y)
@@ -148,6 +148,18 @@ def main(argv=None):
                 "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
     if world > 1:
         dist.destroy_process_group()
+
+
+# shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
+def to_device(x, device, memory_format, mean, std, augment=None, params=None):
+    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
+    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    if augment is not None:
+        x = augment(x, params.to(device, non_blocking=True))
+    x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
+# end shared
 
 
 # shared: file lists (same in every script)

@@ -98,8 +98,13 @@ def test_shadow_views_stamp_in_pixel_space_and_augment_each_element(tmp_path):
     Image.fromarray(np.full((20, 20, 3), 100, np.uint8)).save(tmp_path / "gray.png")
     ref = Image.fromarray(np.stack(np.broadcast_arrays(np.arange(16)[None] * 15, 50, 200), -1).astype(np.uint8))
     white = np.full((4, 4, 3), 255, np.uint8)
-    views = badencoder.ShadowViews(16, [white], [ref], "random", (0.1, 0.9), 1.0, MEAN, STD)
-    items = [badencoder.FileList([(str(tmp_path / "gray.png"), 0)] * 8, views)[(0, i)][0] for i in range(8)]
+    views = badencoder.ShadowViews(16, [white], [ref], "random", (0.1, 0.9), 1.0)
+    normalised = lambda x, *a: badencoder.to_device(x, "cpu", torch.contiguous_format, MEAN, STD, *a)
+    items = []
+    for i in range(8):  # the host half (uint8), then the device half (normalisation, the reference's colour ops)
+        x, x_bd, (r, p) = badencoder.FileList([(str(tmp_path / "gray.png"), 0)] * 8, views)[(0, i)][0]
+        assert x.dtype == x_bd.dtype == r.dtype == torch.uint8 and p.shape == (1, 11)
+        items.append((normalised(x[None])[0], normalised(x_bd), normalised(r, views.color, p)))
     corners = set()
     for x, x_bd, r_aug in items:
         changed = (x_bd[0] != x).any(0).nonzero()

@@ -45,6 +45,13 @@ def test_sizes_scale_with_the_image_size():
 GRAY = [20 + 25 * k for k in range(9)]
 
 
+def device_half(views):
+    """The device half of the augmentation on one sample: (uint8 tiles, colour flags) -> normalised float tiles."""
+    (tiles, flags), y = views
+    assert tiles.dtype == torch.uint8
+    return jigsaw.to_device(tiles[None], "cpu", torch.contiguous_format, MEAN, STD, jigsaw.jigsaw_color, flags[None])[0], y
+
+
 def test_tile_k_lands_in_slot_perm_k():
     """Cells of distinct constant gray levels (unchanged by grayscale and, to 1e-4, by the colour projection)."""
     a = np.zeros((256, 256, 3), np.uint8)
@@ -54,7 +61,7 @@ def test_tile_k_lands_in_slot_perm_k():
     transform, labels = jigsaw.JigsawTransform(perms, 224), set()
     for seed in range(8):
         torch.manual_seed(seed)
-        tiles, y = transform(image)
+        tiles, y = device_half(transform(image))
         assert tiles.shape == (9, 3, 64, 64)
         labels.add(y.item())
         for k in range(9):
@@ -69,7 +76,7 @@ def test_gray_half_projection_quarter_original_quarter():
     counts = collections.Counter()
     for seed in range(200):
         torch.manual_seed(seed)
-        pixel = (transform(red)[0] * STD + MEAN)[0, :, 0, 0]
+        pixel = (device_half(transform(red))[0] * STD + MEAN)[0, :, 0, 0]
         counts[next(n for n, v in expected.items() if torch.allclose(pixel, torch.tensor(v), atol=1e-3))] += 1
     assert 80 < counts["gray"] < 120 and 30 < counts["projected"] < 70 and 30 < counts["as is"] < 70, counts
 
