@@ -149,7 +149,7 @@ def main(argv=None):
             raise InputError(f"{args.resume}: not a moco.py checkpoint with training state (method {ckpt['method']})")
         model.load_state_dict(ckpt["train_state"]["model"])
         optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
-        set_rng_state(ckpt["train_state"]["rng"])
+        set_rng_state(ckpt["train_state"]["rng"], args, rank, world, ckpt["epoch"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     geometry, color = aug_plus(args.image_size)
@@ -190,12 +190,13 @@ def main(argv=None):
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  lr {lr:.4g}  "
                   f"{record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
-        if rank == 0 and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+        rng = rng_state() if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs else None  # all ranks'
+        if rank == 0 and rng is not None:
             save_checkpoint(os.path.join(args.out, "checkpoint.pt"), {
                 "method": "moco", "arch": args.arch, "arch_kwargs": arch_kwargs,
                 "feature_dim": model.encoder_q[1].in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
                 "encoder": model.encoder_q[0].state_dict(), "epoch": epoch + 1, "args": vars(args),
-                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state()}})
+                "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}})
     if world > 1:
         dist.destroy_process_group()
 
@@ -460,15 +461,33 @@ def gather(x):
 
 
 def rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate()}
+    """Every process's random state (torch, this process's GPU, python), gathered into a list indexed by rank."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)  # a collective: every process calls rng_state()
+    return states
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
+def set_rng_state(states, args, rank, world, epoch):
+    """Restore this process's random state. On another number of processes the saved streams cannot continue:
+    reseed each process from (seed, epoch, rank) and log it (the run goes on, but is not bit-identical)."""
+    if len(states) != world:
+        msg = (f"resuming {len(states)} process(es)' checkpoint on {world}: random streams reseeded from "
+               f"(seed {args.seed}, epoch {epoch}, rank); not bit-identical to an uninterrupted run")
+        seed = (args.seed * 1_000_003 + epoch) * 1_009 + rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        log(args, {"rng_reseeded": msg}, rank)
+        if rank == 0:
+            print(f"note: {msg}", flush=True)
+        return
+    torch.set_rng_state(states[rank]["torch"])
+    if states[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+    random.setstate(states[rank]["python"])
 
 
 def log(args, record, rank):
