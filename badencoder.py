@@ -287,17 +287,27 @@ class Photometric:
         return torch.tensor([on, *factors, *order, gray, sigma])
 
     def __call__(self, x, params):
-        v = lambda t: t.view(-1, 1, 1, 1)  # one value per view, broadcast over its pixels
-        on, factors, order, gray, sigma = params[:, 0], params[:, 1:5], params[:, 5:9].long(), params[:, 9], params[:, 10]
-        for j in range(4):
-            op = order[:, j]  # 0 brightness, 1 contrast, 2 saturation, 3 hue
-            f = factors.gather(1, op[:, None])[:, 0]
+        """x: float [0, 1] views (B, 3, H, W) on the device; params: their draw()s (B, 11), on the host. What each view
+        needs is read from the host copy, so the device never waits, and each op runs only on the views that use it."""
+        on, factors, order, gray, sigma = params[:, 0] > 0, params[:, 1:5], params[:, 5:9].long(), params[:, 9] > 0, params[:, 10]
+        v = lambda t: t.to(x.device, non_blocking=True).view(-1, 1, 1, 1)  # one value per view, over its pixels
+        subset = lambda mask: mask.nonzero()[:, 0].to(x.device, non_blocking=True)  # host mask -> device indices
+        for j in range(4):  # position j of each view's own order; 0 brightness, 1 contrast, 2 saturation, 3 hue
+            op = order[:, j]
+            f = torch.where(on & (op < 3), factors.gather(1, op[:, None])[:, 0], 1.0)  # 1: the identity blend
             y = luma(x)
-            base = torch.where(v(op == 1), y.mean((1, 2, 3), keepdim=True), y) * v(op != 0)  # 0 / mean gray / gray
-            out = torch.where(v(op == 3), adjust_hue(x, f), (v(f) * x + (1 - v(f)) * base).clamp(0, 1))
-            x = torch.where(v(on > 0), out, x)
-        x = torch.where(v(gray > 0), luma(x).expand_as(x), x)
-        return gaussian_blur(x, sigma, self.k)
+            base = y * v((op == 2).float()) + y.mean((1, 2, 3), keepdim=True) * v((op == 1).float())  # 0 / mean / gray
+            x = (v(f) * x + (1 - v(f)) * base).clamp(0, 1)
+            if (on & (op == 3)).any():
+                i = subset(on & (op == 3))
+                x = x.index_copy(0, i, adjust_hue(x[i], factors[on & (op == 3), 3].to(x.device, non_blocking=True)))
+        if gray.any():
+            i = subset(gray)
+            x = x.index_copy(0, i, luma(x[i]).expand(-1, 3, -1, -1))
+        if (sigma > 0).any():
+            i = subset(sigma > 0)
+            x = x.index_copy(0, i, gaussian_blur(x[i], sigma[sigma > 0].to(x.device, non_blocking=True), self.k))
+        return x
 
 
 def luma(x):
@@ -319,11 +329,11 @@ def adjust_hue(x, h):
 
 
 def gaussian_blur(x, sigma, k):
-    """Separable Gaussian blur with a per-view sigma (0: a delta kernel, the identity), as two grouped convolutions
-    over all views at once; k x k kernel, reflect padding, as torchvision's gaussian_blur."""
+    """Separable Gaussian blur with a per-view sigma, as two grouped convolutions over all views at once; k x k kernel,
+    reflect padding, as torchvision's gaussian_blur."""
     n, c, hgt, wid = x.shape
     t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
-    g = torch.exp(-0.5 * (t / sigma.to(x.dtype).clamp(min=1e-3)[:, None]) ** 2)
+    g = torch.exp(-0.5 * (t / sigma.to(x.dtype)[:, None]) ** 2)
     g = (g / g.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one 1-D kernel per view and channel
     y = F.pad(x.reshape(1, n * c, hgt, wid), (k // 2,) * 4, mode="reflect")
     y = F.conv2d(F.conv2d(y, g[:, None, None, :], groups=n * c), g[:, None, :, None], groups=n * c)
@@ -337,7 +347,7 @@ def to_device(x, device, memory_format, mean, std, augment=None, params=None):
     normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
     x = x.to(device, non_blocking=True).float().div_(255)
     if augment is not None:
-        x = augment(x, params.to(device, non_blocking=True))
+        x = augment(x, params)  # params stay on the host: the ops read from them which views to touch
     x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 # end shared

@@ -119,7 +119,7 @@ class JigsawTransform:
 def jigsaw_color(x, flags):
     """Device half, on float [0, 1] tiles (B, 9, 3, t, t): grayscale where flags[:, 0], the colour projection where
     flags[:, 1] (on [0, 1] values, not clipped, as the reference)."""
-    gray, project = (flags[:, i].view(-1, 1, 1, 1, 1) > 0 for i in (0, 1))
+    gray, project = (flags[:, i].to(x.device, non_blocking=True).view(-1, 1, 1, 1, 1) > 0 for i in (0, 1))
     y = (x * x.new_tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)).sum(-3, keepdim=True).expand_as(x)
     p = torch.einsum("ij,...jhw->...ihw", COLOR_PROJECTION.to(x.device), x)
     return torch.where(gray, y, torch.where(project, p, x))
@@ -233,7 +233,7 @@ def to_device(x, device, memory_format, mean, std, augment=None, params=None):
     normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
     x = x.to(device, non_blocking=True).float().div_(255)
     if augment is not None:
-        x = augment(x, params.to(device, non_blocking=True))
+        x = augment(x, params)  # params stay on the host: the ops read from them which views to touch
     x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 # end shared

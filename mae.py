@@ -262,7 +262,7 @@ def to_device(x, device, memory_format, mean, std, augment=None, params=None):
     normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
     x = x.to(device, non_blocking=True).float().div_(255)
     if augment is not None:
-        x = augment(x, params.to(device, non_blocking=True))
+        x = augment(x, params)  # params stay on the host: the ops read from them which views to touch
     x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 # end shared
