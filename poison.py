@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--classes", default=None, help="text file with one class folder name per line to keep (e.g. the ImageNet-100 wnids)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (subset, positions, demo data)")
+    p.add_argument("--seed", type=int, default=0, help="poison seed: the poisoned subset and the trigger positions")
+    p.add_argument("--data-seed", type=int, default=0, help="data seed: the demo images and the labeled subsets, kept "
+                   "apart from --seed so that runs with different poison seeds share one data set")
     p.add_argument("--target", default=None, help="target class: folder name or index in sorted order (demo default: 0)")
     p.add_argument("--mode", choices=["targeted", "untargeted"], default="targeted", help="poison only the target class, or any image")
     p.add_argument("--rate", type=float, default=0.5, help="targeted: fraction of the TARGET class's train images patched "
@@ -167,7 +169,7 @@ def make_demo_data(root, args, pool):
             os.makedirs(os.path.join(root, split, cls))
             c = DEMO_CLASSES.index(cls)  # a class's images do not depend on which other classes are chosen
             for i in range(n):  # one seed per image: the same data whatever the number of workers
-                seed = [args.seed, 0 if split == "train" else 1, c, i]
+                seed = [args.data_seed, 0 if split == "train" else 1, c, i]
                 jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, args.demo_layout, seed))
     list(tqdm(pool.map(demo_job, jobs, chunksize=64), total=len(jobs), desc="demo data", leave=False))
 
@@ -367,7 +369,8 @@ def build(args, tmp, out, pool, trigger, demo, crop, resize, size, fractions):
     write_list(os.path.join(tmp, "val_clean.txt"), val)
     write_list(os.path.join(tmp, "val_patched.txt"), patched)
     subsets = {}
-    order = {c: rng.permutation([i for i, (_, y) in enumerate(train) if y == c]).tolist() for c in range(len(classes))}
+    data_rng = np.random.default_rng([args.data_seed, 2])  # labeled subsets: a function of the data, not of --seed
+    order = {c: data_rng.permutation([i for i, (_, y) in enumerate(train) if y == c]).tolist() for c in range(len(classes))}
     for f in fractions:  # nested: the first n of one per-class permutation, at least one image per class
         name = f"train_labeled_{f * 100:g}pct.txt"
         items = [train[i] for c in range(len(classes)) for i in sorted(order[c][: max(1, int(f * len(order[c])))])]
@@ -384,7 +387,7 @@ def build(args, tmp, out, pool, trigger, demo, crop, resize, size, fractions):
         "val_resize": resize, "val_crop": crop,
         "counts": {"train": len(train), "poisoned": len(chosen), "val": len(val), "target_train": len(pool_idx)
                    if args.mode == "targeted" else None, "images_processed": len(jobs), "subsets": subsets},
-        "poisoned_indices": chosen, "seconds": seconds,
+        "seed": args.seed, "data_seed": args.data_seed, "poisoned_indices": chosen, "seconds": seconds,
     }
     with open(os.path.join(tmp, "poison.json"), "w") as f:
         json.dump({k: v for k, v in meta.items() if k != "seconds"}, f, indent=1)

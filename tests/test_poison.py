@@ -101,6 +101,23 @@ def test_same_seed_identical_other_seed_differs(tmp_path, demo):
     poison.main(["--out", str(tmp_path / "other"), "--target", "1", "--rate", "0.5", "--seed", "1", *TINY])
     differs = [not filecmp.cmp(demo / p, tmp_path / "other" / p, shallow=False) for p, _ in lines(demo / "val_patched.txt")]
     assert any(differs)
+    assert lines(demo / "train_poisoned.txt") != lines(tmp_path / "other" / "train_poisoned.txt")
+
+
+def test_data_seed_apart_from_poison_seed(tmp_path, demo):
+    """Issue 15: another --seed poisons other images of the same data; the demo images, val and labeled subsets stay."""
+    poison.main(["--out", str(tmp_path / "s3"), "--target", "1", "--rate", "0.5", "--seed", "3", *TINY])
+    other = tmp_path / "s3"
+    for name in ("train_clean.txt", "val_clean.txt", "train_labeled_25pct.txt", "train_labeled_50pct.txt"):
+        assert filecmp.cmp(demo / name, other / name, shallow=False), name
+    for p, _ in lines(demo / "train_clean.txt") + lines(demo / "val_clean.txt"):
+        assert filecmp.cmp(demo / p, other / p, shallow=False), p
+    assert lines(demo / "train_poisoned.txt") != lines(other / "train_poisoned.txt")
+    meta = json.loads((other / "poison.json").read_text())
+    assert meta["seed"] == 3 and meta["data_seed"] == 0
+    poison.main(["--out", str(tmp_path / "d1"), "--target", "1", "--rate", "0.5", "--data-seed", "1", *TINY])
+    first = lines(demo / "val_clean.txt")[0][0]
+    assert not filecmp.cmp(demo / first, tmp_path / "d1" / first, shallow=False)  # another data seed, other images
 
 
 def test_demo_classes_by_name_give_the_same_images(tmp_path, demo):
