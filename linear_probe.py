@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for extraction on GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation and batch order")
+    p.add_argument("--save-features", action="store_true", help="also write features.pt: the normalised train, val and "
+                   "patched features the classifier sees, with labels and target (scripts/feature_space.py)")
     return p.parse_args(argv)
 
 
@@ -232,8 +234,11 @@ class Head(nn.Module):
         self.fc = nn.Sequential(nn.Linear(d, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, 256), nn.ReLU(),
                                 nn.Linear(256, num_classes)) if mlp else nn.Linear(d, num_classes)
 
+    def normalise(self, f):  # the classifier's input space (also saved by --save-features)
+        return (F.normalize(f, dim=1) - self.mean) * self.inv_std
+
     def forward(self, f):
-        return self.fc((F.normalize(f, dim=1) - self.mean) * self.inv_std)
+        return self.fc(self.normalise(f))
 
 
 def train_classifier(train_f, train_y, num_classes, args, reextract=None):
@@ -375,6 +380,11 @@ def main(argv=None):
             f.write(f"{c},{names[c].replace(',', ';')},{r['tp_clean']},{r['fp_clean']},{r['tp_patched']},{r['fp_patched']}\n")
     torch.save({"head": head.state_dict(), "classifier": args.classifier, "layer": args.layer, "num_classes": num_classes,
                 "class_names": names, "encoder": os.path.abspath(args.encoder)}, os.path.join(args.out, "classifier.pt"))
+    if args.save_features:
+        with torch.no_grad():
+            torch.save({"train": head.normalise(train_f).cpu(), "train_y": train_y.cpu(), "val": head.normalise(val_f).cpu(),
+                        "val_y": val_y.cpu(), "patched": head.normalise(pat_f).cpu(), "patched_y": pat_y.cpu(),
+                        "target": target, "class_names": names}, os.path.join(args.out, "features.pt"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"linear_probe.py: {ckpt['method']} {ckpt['arch']} epoch {ckpt['epoch']}, {args.classifier} on {args.layer} "
