@@ -192,9 +192,9 @@ def make_demo_data(root, args, pool):
 CTRL_WINDOW = 32  # CTRL (meet-cjli/CTRL utils/frequency.py): DCT windows of 32x32, coefficients (15,15) and (31,31)
 CTRL_POSITIONS = ((15, 15), (31, 31))
 CTRL_CHANNELS = (1, 2)  # U and V of YUV; Y is left alone
-RGB2YUV = np.array([[0.299, 0.587, 0.114],  # kornia's rgb_to_yuv (BT.601 analog YUV), as the CTRL code uses
-                    [-0.14714119, -0.28886916, 0.43601035],
-                    [0.61497538, -0.51496512, -0.10001026]])
+RGB2YUV = np.array([[0.299, 0.587, 0.114],  # kornia's rgb_to_yuv (0.6.5, as the CTRL code uses); back with its
+                    [-0.147, -0.289, 0.436],  # exact inverse (kornia's yuv_to_rgb is rounded: up to 0.17 of 255 off)
+                    [0.615, -0.515, -0.100]])
 
 
 def make_trigger(kind, size, seed, blend_image=None, crop=None):
@@ -511,7 +511,7 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
     if spec["family"] == "ctrl":  # invisible: trigger.png and the preview's last row show amplified differences
         image, gain = amplified(ctrl(np.full((crop, crop, 3), 128, np.uint8), args.ctrl_magnitude) - 128)
         trigger.update(magnitude=args.ctrl_magnitude, window=CTRL_WINDOW, positions=[list(p) for p in CTRL_POSITIONS],
-                       channels=["U", "V"], color_space="YUV (BT.601, kornia rgb_to_yuv; exact inverse)",
+                       channels=["U", "V"], color_space="YUV (kornia 0.6.5 rgb_to_yuv; exact inverse)",
                        border="strips narrower than a window are unchanged", trigger_png_gain=gain, seed=None)
     else:
         image = spec["image"]
