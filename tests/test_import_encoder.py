@@ -94,11 +94,13 @@ def solo_learn(q, k):  # solo-learn: backbone / momentum_backbone (fc = Identity
 @pytest.mark.parametrize("layout,prefix,drops", [
     ("bare", "", ["fc.bias", "fc.weight"]),
     ("state_dict/module.", "module.", ["module.fc.bias", "module.fc.weight"]),
+    ("state_dict/", "", ["fc.bias", "fc.weight"]),  # SimCLR v1 resnet50-1x.pth
     ("model/encoder.", "encoder.", ["encoder.fc.bias", "encoder.fc.weight", "head.weight"]),
     ("model/backbone.", "backbone.", ["backbone.fc.bias", "backbone.fc.weight"])])
 def test_single_network_layouts_import_exactly(tmp_path, layout, prefix, drops):
     source = under(prefix, resnet18(0))
-    obj = {"bare": source, "state_dict/module.": {"state_dict": source, "epoch": 3}}.get(layout)
+    obj = {"bare": source, "state_dict/module.": {"state_dict": source, "epoch": 3}, "state_dict/": {"state_dict": source}}
+    obj = obj.get(layout)
     obj = obj or {"model": {**source, **({"head.weight": torch.randn(10, 512)} if "encoder" in layout else {})}}
     ckpt = import_(tmp_path, obj, "--arch", "resnet18", "--image-size", 16)
     assert_backbone_equal(ckpt, source, prefix)
@@ -109,7 +111,7 @@ def test_single_network_layouts_import_exactly(tmp_path, layout, prefix, drops):
     info = ckpt["imported"]
     assert info["file"] == "weights.pth" and info["prefix"] == prefix and info["dropped"] == drops
     assert info["sha256"] == hashlib.sha256((tmp_path / "weights.pth").read_bytes()).hexdigest()
-    assert info["container"] == {"bare": None, "state_dict/module.": "state_dict"}.get(layout, "model")
+    assert info["container"] == (None if layout == "bare" else layout.split("/")[0])
 
 
 @pytest.mark.parametrize("layout,chosen", [(moco_v2, "module.encoder_q."), (moco_v3, "module.base_encoder."),
