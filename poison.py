@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -438,7 +439,6 @@ def run_jobs(pool, jobs, desc):
 
 
 def build(args, tmp, pool, spec, demo, crop, size, fractions):
-    import time
     t0 = time.time()
     root = os.path.join(tmp, "demo_data") if demo else os.path.abspath(args.data_root)
     if demo:
