@@ -3,8 +3,11 @@
 # (clean/backdoored model x clean/patched val: Acc, target FP, ASR), printed and written to OUT/table.md.
 #   bash scripts/quickstart.sh [METHOD] [OUT]      METHOD: moco (default), byol, msf, jigsaw, rotnet, mae
 # Environment:
-#   PRESET=demo (default)  built-in demo data, small budgets for a 2-core CPU (see README, "Quickstart")
+#   PRESET=demo (default)  built-in demo data, or DATA_ROOT=<folder> [CLASSES=<list>] (your own small data set in the
+#                          ImageNet layout, 32 px crops), small budgets for a 2-core CPU (see README, "Quickstart"); one
+#                          linear-probe protocol for every method (linear_probe.py --protocol demo), so the rows compare
 #   PRESET=paper           DATA_ROOT=<ImageNet folder> [CLASSES=<wnid list>]: the paper's recipes (every script's defaults)
+#                          and each method's own reference probe (--protocol METHOD; MSF: moco)
 #   SEED=0  TARGET=<class name or index>  PYTHON=python3
 #   LAUNCH="torchrun --nproc_per_node 8" runs the pre-training on 8 GPUs (default: $PYTHON, one process)
 #   EXTRA="<more pre-training flags>"  POISON_EXTRA="<more poison.py flags>" (later flags override the preset's)
@@ -28,8 +31,9 @@ case $METHOD in moco|byol|msf|jigsaw|rotnet|mae) ;;
 
 if [ "$PRESET" = demo ]; then
   # Built-in demo data (poison.py without --data-root): 8 texture classes, 300 train / 50 val images of 64 px each,
-  # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 14 px wide.
-  DATA_FLAGS="--rate 1.0 --trigger-size 14"
+  # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 14 px wide. With DATA_ROOT:
+  # that folder instead, with the same budgets (poison.py warns when the trigger is tiny against its train images).
+  DATA_FLAGS="--rate 1.0 --trigger-size 14 ${DATA_ROOT:+--data-root $DATA_ROOT --val-crop 32} ${CLASSES:+--classes $CLASSES}"
   PROBE_LIST=train_labeled_10pct.txt
   # The same CLI for every method; only the budget-dependent values differ from the paper's recipes.
   COMMON="--image-size 32 --workers 0 --save-every 5"
@@ -42,14 +46,14 @@ if [ "$PRESET" = demo ]; then
     mae)    FLAGS="--epochs 30 --batch-size 128 --patch-size 4 --width 128 --depth 4 --heads 4 --decoder-width 64 \
                    --decoder-depth 2 --decoder-heads 4 --blr 2e-3 --warmup-epochs 3" ;;
   esac
-  PROBE_FLAGS="--workers 0"
+  PROBE_FLAGS="--protocol demo --workers 0"  # cached center-crop features, the moco recipe, for every method
 elif [ "$PRESET" = paper ]; then
   : "${DATA_ROOT:?PRESET=paper needs DATA_ROOT=<folder with train/<class>/* and val/<class>/*>}"
   DATA_FLAGS="--data-root $DATA_ROOT ${CLASSES:+--classes $CLASSES}"  # rate 0.5 of the target class = 0.5% of IN-100
   PROBE_LIST=train_labeled_1pct.txt
   COMMON=""
   FLAGS=""
-  PROBE_FLAGS=""
+  PROBE_FLAGS="--protocol ${METHOD/msf/moco}"  # the reference's own evaluation (README, "linear_probe.py"); MSF: CompReSS's
 else
   echo "quickstart.sh: unknown PRESET '$PRESET' (demo, paper)" >&2; exit 2
 fi

@@ -32,12 +32,14 @@ if [ "$PRESET" = demo ]; then
   BADENCODER_FLAGS="--image-size 32 --batch-size 32 --lr 0.01 --epochs 4 --workers 0"
   PROBE_LIST=train_labeled_10pct.txt
   PROBE_FLAGS="--workers 0"
+  DEFENSE_PROTOCOL=demo  # the protocol of the demo's main table
 else
   DEFENSE_TEACHER=${DEFENSE_TEACHER:-moco}
   DEFENSE_FLAGS=""
   BADENCODER_FLAGS=""
   PROBE_LIST=train_labeled_1pct.txt
   PROBE_FLAGS=""
+  DEFENSE_PROTOCOL=moco  # CompReSS's eval_linear.py, with its augmentation (README, "linear_probe.py")
 fi
 probe() {  # probe CHECKPOINT OUT DATA [extra flags]
   [ -f "$2/metrics.json" ] || $PY linear_probe.py --encoder "$1" --train-list "$3/$PROBE_LIST" --val-list "$3/val_clean.txt" \
@@ -62,7 +64,7 @@ for ((r = 0; r < RUNS; r++)); do
       S="$ROOT/defense/run$r/student_${P}pct"
       [ -f "$S/done" ] || { ${LAUNCH:-$PY} compress_defense.py --teacher "$TEACHER/checkpoint.pt" \
         --train-list "$DATA/train_labeled_${P}pct.txt" --out "$S" --seed "$r" $DEFENSE_FLAGS && touch "$S/done"; }
-      probe "$S/checkpoint.pt" "$S/probe" "$DATA" --seed "$r"
+      probe "$S/checkpoint.pt" "$S/probe" "$DATA" --protocol $DEFENSE_PROTOCOL --seed "$r"
     done
   fi
   if [ -f "$ROOT/main/moco/clean/done" ]; then
@@ -77,7 +79,7 @@ for ((r = 0; r < RUNS; r++)); do
     [ -f "$B/backdoored/done" ] || { ${LAUNCH:-$PY} badencoder.py --encoder "$B/clean/checkpoint.pt" --shadow-list "$DATA/train_clean.txt" \
       --reference-list "$B/reference.txt" --trigger "$DATA/trigger.png" --trigger-location random --out "$B/backdoored" \
       --seed "$r" $BADENCODER_FLAGS && touch "$B/backdoored/done"; }
-    for KIND in clean backdoored; do probe "$B/$KIND/checkpoint.pt" "$B/$KIND/probe" "$DATA" --classifier mlp --seed "$r"; done
+    for KIND in clean backdoored; do probe "$B/$KIND/checkpoint.pt" "$B/$KIND/probe" "$DATA" --protocol badencoder --seed "$r"; done
   fi
 done
 
