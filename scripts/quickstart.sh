@@ -34,6 +34,7 @@ if [ "$PRESET" = demo ]; then
   # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 14 px wide. With DATA_ROOT:
   # that folder instead, with the same budgets (poison.py warns when the trigger is tiny against its train images).
   DATA_FLAGS="--rate 1.0 --trigger-size 14 ${DATA_ROOT:+--data-root $DATA_ROOT --val-crop 32} ${CLASSES:+--classes $CLASSES}"
+  [ -z "${DATA_ROOT:-}" ] || TARGET=${TARGET:-0}  # as the built-in demo: class 0 unless TARGET names one
   PROBE_LIST=train_labeled_10pct.txt
   # The same CLI for every method; only the budget-dependent values differ from the paper's recipes.
   COMMON="--image-size 32 --workers 0 --save-every 5"
