@@ -5,17 +5,16 @@ Paper: Saha et al., "Backdoor Attacks on Self-Supervised Learning", CVPR 2022, h
 downstream classifier of Jia et al., "BadEncoder", IEEE S&P 2022, https://arxiv.org/abs/2108.00352 (`--classifier mlp`).
 
 Consumes an encoder checkpoint of any script of this project (DESIGN.md 3.3), a small labeled train list and the clean
-and patched validation lists of poison.py. Extracts features once (clean: Resize + CenterCrop; patched images are
-already cropped and get no resize), trains the classifier on the cached features, and writes to `--out`:
-metrics.json (Acc, target TP/FP, ASR on clean and patched val), per_class.csv, confusion_{clean,patched}.npy
+and patched validation lists of poison.py. Extracts features once (clean: Resize + CenterCrop, or nothing when every
+image already has the crop size, as poison.py's patched val, which is used as is), trains the classifier, and writes
+to `--out`: metrics.json (Acc, target TP/FP, ASR on clean and patched val), per_class.csv, confusion_{clean,patched}.npy
 (rows = true class, columns = prediction) and classifier.pt (weights + feature normalisation).
-Classifier (default, CompReSS/MoCo recipe): L2-normalise -> standardise each dimension with the labeled-train
-features' mean and variance -> Linear; SGD lr 0.01, momentum 0.9, wd 1e-4, batch 256, 40 epochs, lr x0.1 at 15, 30.
-Deviation: the reference re-extracts RandomResizedCrop + flip features every epoch; that is `--augment` here
-(slower); by default the cached center-crop features are used.
+`--protocol`: one row of PROTOCOLS, each reference's own linear evaluation (README); explicit flags override it. Default
+`demo`: CompReSS/MoCo's (L2-normalise, standardise, Linear; SGD 0.01, 40 epochs) on cached center-crop features.
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -31,6 +30,25 @@ from PIL import Image
 from tqdm import tqdm
 
 POOL = {"relu": 12, "layer1": 12, "layer2": 8, "layer3": 6, "layer4": 4}  # reference conv-linear probes (at 224 px)
+# One row per reference evaluation. norm: l2+std = L2-normalise, then standardise (CompReSS); l2; none = raw features;
+# bn2d / bn1d = BatchNorm without affine, batch statistics in training. augment: rrc = RandomResizedCrop + flip, crop =
+# Resize + RandomCrop + flip, False = cached center-crop features. schedule: step (x gamma at milestones), exp (x gamma
+# in total over the epochs), cosine (warmup epochs, then to 0). blr: lr = blr x batch / 256. A batch over n is n.
+MOCO = dict(norm="l2+std", optimizer="sgd", lr=0.01, weight_decay=1e-4, schedule="step", milestones=[15, 30], gamma=0.1,
+            epochs=40, batch_size=256, augment="rrc", layer="final", classifier="linear", init="default", drop_last=False)
+PROTOCOLS = {
+    "demo": {**MOCO, "augment": False},  # one protocol for every method of the demo tables
+    "moco": MOCO,  # SSL-Backdoor moco/eval_linear.py = CompReSS eval_linear.py (also MSF's)
+    "jigsaw": {**MOCO, "norm": "none", "layer": "layer3"},  # jigsaw/eval_conv_linear.py
+    "rotnet": {**MOCO, "norm": "bn2d", "optimizer": "nesterov", "weight_decay": 5e-4, "milestones": [5, 15, 25],
+               "gamma": 0.2, "batch_size": 32, "augment": "crop", "layer": "layer3", "init": "rotnet"},  # lr LUT 0.01..8e-5
+    "byol": {**MOCO, "norm": "none", "optimizer": "adam", "lr": 1e-2, "weight_decay": 5e-6, "schedule": "exp",
+             "gamma": 1e-4, "epochs": 500, "batch_size": 1000, "augment": False, "drop_last": True},  # byol/test.py
+    "mae": {**MOCO, "norm": "bn1d", "optimizer": "lars", "lr": None, "blr": 0.1, "weight_decay": 0.0, "schedule": "cosine",
+            "warmup": 10, "epochs": 90, "batch_size": 16384, "init": "mae", "drop_last": True},  # MAE main_linprobe.py
+    "badencoder": {**MOCO, "norm": "l2", "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "milestones": [],
+                   "epochs": 500, "batch_size": 64, "augment": False, "classifier": "mlp"},  # BadEncoder's downstream MLP
+}
 
 
 def parse_args(argv=None):
@@ -41,16 +59,21 @@ def parse_args(argv=None):
     p.add_argument("--val-patched-list", required=True, help="patched validation list (val_patched.txt)")
     p.add_argument("--target", default=None, help="target class (index or name); default: from poison.json beside the patched list")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layer", default="final", choices=["final", *POOL], help="feature: pooled final feature (cls token for "
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=None, help="evaluation protocol, one row of PROTOCOLS "
+                   "(README); the flags below override it; default: demo (badencoder with --classifier mlp)")
+    p.add_argument("--layer", default=None, choices=["final", *POOL], help="feature: pooled final feature (cls token for "
                    "ViT), or a ResNet tap average-pooled to 12/12/8/6/4 (Jigsaw/RotNet conv-linear protocol)")
-    p.add_argument("--classifier", choices=["linear", "mlp"], default="linear", help="linear (CompReSS) or BadEncoder's MLP "
-                   "(L2-norm -> 512 -> ReLU -> dropout 0.5 -> 256 -> ReLU -> C; Adam 1e-4, 500 epochs, batch 64)")
-    p.add_argument("--epochs", type=int, default=None, help="classifier epochs (default 40 linear, 500 mlp)")
-    p.add_argument("--batch-size", type=int, default=None, help="classifier batch size (default 256 linear, 64 mlp)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 0.01 SGD linear, 1e-4 Adam mlp)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (linear classifier)")
-    p.add_argument("--milestones", type=int, nargs="*", default=[15, 30], help="epochs where the SGD lr drops x0.1")
-    p.add_argument("--augment", action="store_true", help="re-extract RandomResizedCrop + flip train features every epoch")
+    p.add_argument("--classifier", choices=["linear", "mlp"], default=None, help="linear, or BadEncoder's MLP "
+                   "(L2-norm -> 512 -> ReLU -> dropout 0.5 -> 256 -> ReLU -> C; protocol badencoder)")
+    p.add_argument("--norm", choices=["l2+std", "l2", "none", "bn1d", "bn2d"], default=None, help="feature normalisation")
+    p.add_argument("--optimizer", choices=["sgd", "nesterov", "adam", "lars"], default=None, help="classifier optimizer")
+    p.add_argument("--epochs", type=int, default=None, help="classifier epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="classifier batch size (capped at the labeled set)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
+    p.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where a step schedule's lr drops")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="re-extract augmented train "
+                   "features every epoch (the protocol's augmentation, else RandomResizedCrop + flip)")
     p.add_argument("--knn", type=int, default=0, help="also report a weighted k-NN classifier with this k (0 = off)")
     p.add_argument("--knn-temperature", type=float, default=0.07, help="k-NN vote weight exp(similarity / T)")
     p.add_argument("--extract-batch-size", type=int, default=256, help="batch size of feature extraction")
@@ -58,7 +81,27 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for extraction on GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation and batch order")
+    p.add_argument("--save-features", action="store_true", help="also write features.pt: the normalised train, val and "
+                   "patched features the classifier sees, with labels and target (scripts/feature_space.py)")
     return p.parse_args(argv)
+
+
+def resolve_protocol(args, n_train=None):
+    """Fill every unset hyperparameter from the protocol's row; cap the batch at the labeled set (then lr = blr x batch / 256)."""
+    if getattr(args, "protocol", None) is None:
+        args.protocol = "badencoder" if getattr(args, "classifier", None) == "mlp" else "demo"
+    row = PROTOCOLS[args.protocol]
+    augment = getattr(args, "augment", None)
+    for key, value in row.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if augment is not None:  # --augment: the row's augmentation (RandomResizedCrop + flip if it has none); --no-augment
+        args.augment = (row["augment"] or "rrc") if augment else False
+    if n_train:
+        args.batch_size = min(args.batch_size, n_train)
+    if args.lr is None:
+        args.lr = row["blr"] * args.batch_size / 256
+    return args
 
 
 # shared: file lists (same in every script)
@@ -184,7 +227,7 @@ def load_encoder(path):
 # end shared
 
 
-def features(model, x, layer):
+def features(model, x, layer, flat=True):
     """Pooled final feature, or a ResNet tap average-pooled to a small grid (the reference's conv-linear probes)."""
     if layer == "final":
         return model(x)
@@ -195,7 +238,8 @@ def features(model, x, layer):
             x = getattr(model, name)(x)
             if name == layer:
                 break
-    return F.adaptive_avg_pool2d(x, min(POOL[layer], x.shape[-1])).flatten(1)  # small images: never upsample
+    x = F.adaptive_avg_pool2d(x, min(POOL[layer], x.shape[-1]))  # small images: never upsample
+    return x.flatten(1) if flat else x
 
 
 @torch.no_grad()
@@ -212,6 +256,28 @@ def extract(model, samples, transform, args, device, epoch=0, desc="features"):
     return torch.cat(feats), torch.cat(labels)
 
 
+def val_resize(args, val, size):
+    """The clean val's Resize side, or None (no resize): the geometry poison.py gave the patched val (poison.json's
+    val_geometry), else None when every val image already has the crop size."""
+    meta = os.path.join(os.path.dirname(os.path.abspath(args.val_patched_list)), "poison.json")
+    info = json.load(open(meta)) if os.path.isfile(meta) else {}
+    if "val_geometry" in info:
+        return None if info["val_geometry"] == "native" else info["val_resize"]
+    return None if native(val, size) else round(size * 256 / 224)
+
+
+def native(samples, size):
+    """True when every image already has the encoder's input size: then the eval transform resizes nothing."""
+    try:
+        for path, _ in samples:
+            with Image.open(path) as im:  # reads the header only
+                if im.size != (size, size):
+                    return False
+    except OSError:  # an unreadable image is reported by the extraction, with its name
+        return False
+    return True
+
+
 def check_size(samples, size, name):
     """Patched images are evaluated as they are (no resize): they must already have the encoder's input size."""
     for path, _ in samples[:: max(1, len(samples) // 64)]:
@@ -222,45 +288,99 @@ def check_size(samples, size, name):
 
 
 class Head(nn.Module):
-    """L2-normalise -> fixed per-dimension standardisation (CompReSS) -> Linear, or BadEncoder's MLP."""
+    """The protocol's normalisation (l2+std: fixed buffers of CompReSS; bn1d / bn2d: BatchNorm without affine) -> Linear,
+    or BadEncoder's MLP. bn2d normalises each channel of the pooled conv map (RotNet's LinearClassifier)."""
 
-    def __init__(self, mean, inv_std, num_classes, mlp):
+    def __init__(self, mean, inv_std, num_classes, mlp, norm="l2+std", channels=None, init="default"):
         super().__init__()
         self.register_buffer("mean", mean)
         self.register_buffer("inv_std", inv_std)
         d = mean.numel()
+        self.norm, self.channels = norm, channels or d
+        self.bn = nn.BatchNorm2d(self.channels, affine=False) if norm == "bn2d" else \
+            nn.BatchNorm1d(d, affine=False, eps=1e-6) if norm == "bn1d" else nn.Identity()
         self.fc = nn.Sequential(nn.Linear(d, 512), nn.ReLU(), nn.Dropout(0.5), nn.Linear(512, 256), nn.ReLU(),
                                 nn.Linear(256, num_classes)) if mlp else nn.Linear(d, num_classes)
+        if init != "default":  # RotNet: N(0, sqrt(2 / classes)); MAE: trunc_normal(std 0.01); bias 0
+            nn.init.zeros_(self.fc.bias)
+            if init == "rotnet":
+                nn.init.normal_(self.fc.weight, 0, (2 / num_classes) ** 0.5)
+            else:
+                nn.init.trunc_normal_(self.fc.weight, std=0.01)
+
+    def normalise(self, f):  # the classifier's input space (also saved by --save-features)
+        if self.norm in ("l2+std", "l2"):
+            f = F.normalize(f, dim=1)
+        f = (f - self.mean) * self.inv_std
+        return self.bn(f.view(len(f), self.channels, -1, 1)).flatten(1) if self.norm == "bn2d" else self.bn(f)
 
     def forward(self, f):
-        return self.fc((F.normalize(f, dim=1) - self.mean) * self.inv_std)
+        return self.fc(self.normalise(f))
 
 
-def train_classifier(train_f, train_y, num_classes, args, reextract=None):
-    """Train the head on cached features (or on features re-extracted each epoch by `reextract(epoch)`)."""
-    mlp = args.classifier == "mlp"
-    z = F.normalize(train_f, dim=1)  # standardisation statistics: L2-normalised center-crop features, unbiased var
-    var, mean = torch.var_mean(z, dim=0) if len(z) > 1 else (torch.ones_like(z[0]), z[0])
-    inv_std = 1 / torch.sqrt(var + 1e-5)
-    if mlp:  # BadEncoder's MLP sees the L2-normalised features only
-        mean, inv_std = torch.zeros_like(mean), torch.ones_like(inv_std)
-    head = Head(mean, inv_std, num_classes, mlp).to(train_f.device)
-    if mlp:
-        opt = torch.optim.Adam(head.fc.parameters(), lr=args.lr)
-    else:
-        opt = torch.optim.SGD(head.fc.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [] if mlp else args.milestones, 0.1)
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (util/lars.py): a matrix's gradient (+ wd) is rescaled to trust x ||p|| / ||g||; vectors: plain momentum."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                g = p.grad
+                if p.ndim > 1:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    pn, gn = p.norm(), g.norm()
+                    g = g * torch.where((pn > 0) & (gn > 0), group["trust"] * pn / gn, torch.ones_like(pn))
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                p.sub_(mu.mul_(group["momentum"]).add_(g), alpha=group["lr"])
+
+
+def make_optimizer(params, args):
+    sgd = dict(momentum=0.9, nesterov=args.optimizer == "nesterov") if args.optimizer in ("sgd", "nesterov") else {}
+    optimizer = {"adam": torch.optim.Adam, "lars": LARS}.get(args.optimizer, torch.optim.SGD)
+    return optimizer(params, lr=args.lr, weight_decay=args.weight_decay, **sgd)
+
+
+def lr_at(args, epoch):
+    """The protocol's lr at a (fractional) epoch: step, exp (per epoch, as the references) or warmup + cosine (per step)."""
+    if args.schedule == "step":
+        return args.lr * args.gamma ** sum(int(epoch) >= m for m in args.milestones)
+    if args.schedule == "exp":  # BYOL: ExponentialLR, from lr to lr x gamma over the epochs
+        return args.lr * args.gamma ** (int(epoch) / args.epochs)
+    if epoch < args.warmup:
+        return args.lr * epoch / args.warmup
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup) / max(1e-8, args.epochs - args.warmup)))
+
+
+def train_classifier(train_f, train_y, num_classes, args, reextract=None, channels=None):
+    """Train the head on cached features (or on features re-extracted each epoch by `reextract(epoch)`); args must hold
+    a resolved protocol (resolve_protocol)."""
+    mean, inv_std = torch.zeros_like(train_f[0]), torch.ones_like(train_f[0])
+    if args.norm == "l2+std":  # standardisation statistics: L2-normalised center-crop features, unbiased var
+        z = F.normalize(train_f, dim=1)
+        var, mean = torch.var_mean(z, dim=0) if len(z) > 1 else (torch.ones_like(z[0]), z[0])
+        inv_std = 1 / torch.sqrt(var + 1e-5)
+    head = Head(mean, inv_std, num_classes, args.classifier == "mlp", args.norm, channels, args.init).to(train_f.device)
+    opt = make_optimizer(head.fc.parameters(), args)
     g = torch.Generator().manual_seed(args.seed)
     head.train()
     for epoch in tqdm(range(args.epochs), desc="classifier", leave=False):
         f, y = reextract(epoch) if reextract else (train_f, train_y)
-        for idx in torch.randperm(len(f), generator=g).split(args.batch_size):
+        batches = torch.randperm(len(f), generator=g).split(args.batch_size)
+        if args.drop_last and len(batches) > 1 and len(batches[-1]) < args.batch_size:
+            batches = batches[:-1]  # the references' drop_last (BYOL: only 1,000 of a 1% list's ~1,300 per epoch)
+        for i, idx in enumerate(batches):
+            if len(idx) < 2 and args.norm.startswith("bn"):
+                continue  # BatchNorm needs two samples
+            for group in opt.param_groups:
+                group["lr"] = lr_at(args, epoch + i / len(batches))
             idx = idx.to(f.device)
             loss = F.cross_entropy(head(f[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        sched.step()
     return head.eval()
 
 
@@ -315,43 +435,45 @@ def resolve_target(args, names):
 
 def main(argv=None):
     args = parse_args(argv)
-    mlp = args.classifier == "mlp"
-    args.epochs = args.epochs if args.epochs is not None else (500 if mlp else 40)
-    args.batch_size = args.batch_size or (64 if mlp else 256)
-    args.lr = args.lr if args.lr is not None else (1e-4 if mlp else 0.01)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     model, ckpt = load_encoder(args.encoder)
-    if args.layer != "final" and ckpt["arch"] == "vit":
-        raise InputError(f"{args.encoder}: --layer {args.layer} needs a ResNet; ViT checkpoints use the cls token (final)")
     train, val, patched = read_list(args.train_list), read_list(args.val_list), read_list(args.val_patched_list)
     num_classes = 1 + max(y for _, y in train + val + patched)
     missing = sorted(set(range(num_classes)) - {y for _, y in train})
     if missing:
         raise InputError(f"{args.train_list}: no labeled images of class(es) {missing[:10]}")
+    resolve_protocol(args, len(train))
+    if args.layer != "final" and ckpt["arch"] == "vit":
+        raise InputError(f"{args.encoder}: --layer {args.layer} needs a ResNet; ViT checkpoints use the cls token (final)")
     names = class_names(val, num_classes)
     target = resolve_target(args, names)
     s = ckpt["image_size"]
     check_size(patched, s, args.val_patched_list)
     norm = T.Normalize(ckpt["mean"], ckpt["std"])
-    center = T.Compose([T.Resize(round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor(), norm])
     as_is = T.Compose([T.ToTensor(), norm])
+    resize = val_resize(args, val, s)  # clean and patched val keep one geometry
+    center = T.Compose([T.Resize(resize or round(s * 256 / 224)), T.CenterCrop(s), T.ToTensor(), norm])
+    train_center, val_center = (as_is if native(train, s) else center), (center if resize else as_is)
     model = model.to(device)
     if ckpt["arch"] != "vit" and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     os.makedirs(args.out, exist_ok=True)
 
     t0 = time.time()
-    train_f, train_y = extract(model, train, center, args, device, desc="train features")
-    val_f, val_y = extract(model, val, center, args, device, desc="val features")
+    train_f, train_y = extract(model, train, train_center, args, device, desc="train features")
+    val_f, val_y = extract(model, val, val_center, args, device, desc="val features")
     pat_f, pat_y = extract(model, patched, as_is, args, device, desc="patched features")
     t_extract = time.time() - t0
 
     t0 = time.time()
-    aug = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    crop = T.RandomResizedCrop(s) if args.augment == "rrc" else T.Compose([T.Resize(round(s * 256 / 224)), T.RandomCrop(s)])
+    aug = T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), norm])
     reextract = (lambda epoch: extract(model, train, aug, args, device, epoch + 1, desc=f"aug features {epoch}")) \
         if args.augment else None
-    head = train_classifier(train_f, train_y, num_classes, args, reextract)
+    with torch.no_grad():  # channels of the pooled map: BatchNorm2d of the rotnet protocol
+        channels = features(model, torch.zeros(1, 3, s, s, device=device), args.layer, flat=False).shape[1]
+    head = train_classifier(train_f, train_y, num_classes, args, reextract, channels)
     t_train = time.time() - t0  # with --augment this includes the per-epoch re-extraction
 
     with torch.no_grad():
@@ -360,7 +482,8 @@ def main(argv=None):
     m = metrics(cm_clean, cm_patched, target)
     result = {"encoder": os.path.abspath(args.encoder), "method": ckpt["method"], "arch": ckpt["arch"],
               "encoder_epoch": ckpt["epoch"], "target": target, "target_name": names[target], "num_classes": num_classes,
-              "n_train": len(train), "n_val": len(val), "layer": args.layer, "classifier": args.classifier, **m,
+              "n_train": len(train), "n_val": len(val), "layer": args.layer, "classifier": args.classifier,
+              "protocol": args.protocol, "val_resize": resize, **m,
               "seconds_extract": t_extract, "seconds_train": t_train, "device": str(device), "args": vars(args)}
     if args.knn:
         knn = [confusion(knn_predict(train_f, train_y, f, args.knn, args.knn_temperature, num_classes), y, num_classes)
@@ -375,10 +498,15 @@ def main(argv=None):
             f.write(f"{c},{names[c].replace(',', ';')},{r['tp_clean']},{r['fp_clean']},{r['tp_patched']},{r['fp_patched']}\n")
     torch.save({"head": head.state_dict(), "classifier": args.classifier, "layer": args.layer, "num_classes": num_classes,
                 "class_names": names, "encoder": os.path.abspath(args.encoder)}, os.path.join(args.out, "classifier.pt"))
+    if args.save_features:
+        with torch.no_grad():
+            torch.save({"train": head.normalise(train_f).cpu(), "train_y": train_y.cpu(), "val": head.normalise(val_f).cpu(),
+                        "val_y": val_y.cpu(), "patched": head.normalise(pat_f).cpu(), "patched_y": pat_y.cpu(),
+                        "target": target, "class_names": names}, os.path.join(args.out, "features.pt"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"linear_probe.py: {ckpt['method']} {ckpt['arch']} epoch {ckpt['epoch']}, {args.classifier} on {args.layer} "
-          f"features, {len(train)} labeled images, target {target} '{names[target]}'\n"
+    print(f"linear_probe.py: {ckpt['method']} {ckpt['arch']} epoch {ckpt['epoch']}, protocol {args.protocol}: {args.classifier} "
+          f"on {args.layer} features, {len(train)} labeled images, target {target} '{names[target]}'\n"
           f"  clean val   : Acc {m['acc_clean']:6.2f}  target TP {m['tp_clean']:4d}  FP {m['fp_clean']:4d}\n"
           f"  patched val : Acc {m['acc_patched']:6.2f}  target TP {m['tp_patched']:4d}  FP {m['fp_patched']:4d}"
           f"  ASR {m['asr']:.2f}% (all images: {m['asr_all']:.2f}%)\n"

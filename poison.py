@@ -6,20 +6,24 @@ Consumes an image folder in the ImageNet layout (`--data-root` with train/<class
 `--data-root`, generates a small procedural texture data set (the demo data used by the quickstart and the tests).
 Produces, in `--out`, file lists of "<path> <label>" lines (paths relative to the list's folder when inside it):
   train_clean.txt, train_poisoned.txt    every training image; in the poisoned list the poisons point to patched copies
-  val_clean.txt, val_patched.txt         every val image; patched = resized + center-cropped, then the trigger pasted
+  val_clean.txt, val_patched.txt         every val image; patched = resized + center-cropped (nothing when every val
+                                         image already has the crop size: poison.json "val_geometry"), then triggered
   train_labeled_<p>pct.txt               class-balanced clean subsets (linear probe labels, CompReSS clean data)
   trigger.png, preview.png, poison.json  the trigger, a grid of poisoned/patched samples, every parameter and count
 Deviations from the reference: everything is seeded; `--opacity` is the trigger's opacity (the reference's `alpha`
 is the base image's, so alpha = 1 - opacity); files inside a class are sorted; PNG images stay PNG (the reference
-re-encodes every poison as JPEG quality 75, which we keep for JPEG sources).
+re-encodes every poison as JPEG quality 75, which we keep for JPEG sources). Triggers beyond the reference: a blend
+(Chen et al. 2017) and CTRL (Li et al., ICCV 2023; meet-cjli/CTRL), which we round to uint8 (CTRL keeps floats).
 """
 import argparse
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -35,21 +39,32 @@ def parse_args(argv=None):
     p.add_argument("--classes", default=None, help="text file with one class folder name per line to keep (e.g. the ImageNet-100 wnids)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (subset, positions, demo data)")
+    p.add_argument("--seed", type=int, default=0, help="poison seed: the poisoned subset and the trigger positions")
+    p.add_argument("--data-seed", type=int, default=0, help="data seed: the demo images and the labeled subsets, kept "
+                   "apart from --seed so that runs with different poison seeds share one data set")
     p.add_argument("--target", default=None, help="target class: folder name or index in sorted order (demo default: 0)")
     p.add_argument("--mode", choices=["targeted", "untargeted"], default="targeted", help="poison only the target class, or any image")
     p.add_argument("--rate", type=float, default=0.5, help="targeted: fraction of the TARGET class's train images patched "
                    "(0.5 = the paper's 0.5%% of ImageNet-100); untargeted: fraction of all train images")
-    p.add_argument("--trigger", default="htba", help="'htba' (random 4x4 grid of saturated colours), 'white' (BadEncoder square) or a PNG path")
-    p.add_argument("--trigger-seed", type=int, default=10, help="seed of the htba trigger's colour grid (independent of --seed)")
+    p.add_argument("--trigger", default="htba", help="patch: 'htba' (random 4x4 grid of saturated colours), 'white' "
+                   "(BadEncoder square) or a PNG path; 'blend' (full-image blend, Chen et al. 2017); 'ctrl' (CTRL's "
+                   "frequency trigger, Li et al. 2023)")
+    p.add_argument("--trigger-seed", type=int, default=10, help="seed of the htba colour grid and of the random blend pattern "
+                   "(independent of --seed)")
     p.add_argument("--trigger-size", type=int, default=None, help="trigger side in pixels (default: 50 * val-crop / 224, i.e. 50 at 224)")
-    p.add_argument("--opacity", type=float, default=1.0, help="trigger opacity: 1.0 replaces the pixels (reference alpha = 1 - opacity)")
+    p.add_argument("--opacity", type=float, default=None, help="trigger opacity: 1.0 replaces the pixels (reference alpha = "
+                   "1 - opacity); default 1.0 for patches, 0.2 for blend")
+    p.add_argument("--blend-image", default=None, help="blend: an image blended over each image (resized to it) instead "
+                   "of the seeded uniform-noise pattern")
+    p.add_argument("--ctrl-magnitude", type=float, default=100.0, help="ctrl: added to the DCT coefficients (15,15) and "
+                   "(31,31) of U and V in every 32x32 window (the CTRL code's default for CIFAR-10)")
     p.add_argument("--train-location", choices=["random", "center", "bottom-right"], default="random", help="trigger placement on train images")
     p.add_argument("--train-range", type=float, nargs=2, default=[0.25, 0.75], help="random placement range, fractions of width/height")
     p.add_argument("--val-location", choices=["random", "center", "bottom-right"], default="random", help="trigger placement on val crops")
     p.add_argument("--val-range", type=float, nargs=2, default=[0.10, 0.90], help="random placement range on the val crop")
     p.add_argument("--val-crop", type=int, default=None, help="evaluation crop size (default 224; demo: 32)")
-    p.add_argument("--val-resize", type=int, default=None, help="shorter side before the crop (default round(crop * 256 / 224))")
+    p.add_argument("--val-resize", type=int, default=None, help="shorter side before the crop (default round(crop * 256 / "
+                   "224); by default nothing is resized when every val image already is crop x crop)")
     p.add_argument("--labeled-fractions", default="0.01,0.05,0.1,0.25", help="comma-separated per-class fractions of clean subsets")
     p.add_argument("--jpeg-quality", type=int, default=75, help="quality of re-encoded JPEG poisons (PIL's default 75, as in the reference)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for image work")
@@ -167,25 +182,42 @@ def make_demo_data(root, args, pool):
             os.makedirs(os.path.join(root, split, cls))
             c = DEMO_CLASSES.index(cls)  # a class's images do not depend on which other classes are chosen
             for i in range(n):  # one seed per image: the same data whatever the number of workers
-                seed = [args.seed, 0 if split == "train" else 1, c, i]
+                seed = [args.data_seed, 0 if split == "train" else 1, c, i]
                 jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, args.demo_layout, seed))
     list(tqdm(pool.map(demo_job, jobs, chunksize=64), total=len(jobs), desc="demo data", leave=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triggers and pasting
-def make_trigger(kind, size, seed):
+# Triggers: a patch (HTBA's colour grid, BadEncoder's white square, a PNG) pasted in a box; a full-image blend
+# (Chen et al. 2017); CTRL's frequency trigger (Li et al., ICCV 2023). apply_trigger() applies any of them.
+CTRL_WINDOW = 32  # CTRL (meet-cjli/CTRL utils/frequency.py): DCT windows of 32x32, coefficients (15,15) and (31,31)
+CTRL_POSITIONS = ((15, 15), (31, 31))
+CTRL_CHANNELS = (1, 2)  # U and V of YUV; Y is left alone
+RGB2YUV = np.array([[0.299, 0.587, 0.114],  # kornia's rgb_to_yuv (0.6.5, as the CTRL code uses); back with its
+                    [-0.147, -0.289, 0.436],  # exact inverse (kornia's yuv_to_rgb is rounded: up to 0.17 of 255 off)
+                    [0.615, -0.515, -0.100]])
+
+
+def make_trigger(kind, size, seed, blend_image=None, crop=None):
+    """The trigger's image: the patch (size x size), the blend pattern, or None for CTRL (it has no image)."""
     if kind == "htba":  # like HTBA's trigger_10..19: 4x4 cells, each channel 0 or 255, upsampled bilinearly
         grid = np.random.default_rng(seed).integers(0, 2, (4, 4, 3)).astype(np.uint8) * 255
         return np.asarray(Image.fromarray(grid).resize((size, size), Image.BILINEAR))
     if kind == "white":  # BadEncoder's white square
         return np.full((size, size, 3), 255, np.uint8)
+    if kind == "blend":  # Chen et al.'s random pattern: uniform noise, here at the val-crop size; or a given image
+        if blend_image is None:
+            return np.random.default_rng(seed).integers(0, 256, (crop, crop, 3)).astype(np.uint8)
+        kind = blend_image
+    if kind == "ctrl":
+        return None
     if not os.path.isfile(kind):
-        fail(f"--trigger {kind}: not 'htba', 'white' or an existing image file")
+        fail(f"--trigger/--blend-image {kind}: not 'htba', 'white', 'blend', 'ctrl' or an existing image file")
     try:
-        return np.asarray(Image.open(kind).convert("RGB").resize((size, size), Image.BICUBIC))
+        img = Image.open(kind).convert("RGB")
+        return np.asarray(img if kind == blend_image else img.resize((size, size), Image.BICUBIC))
     except OSError as e:
-        fail(f"--trigger {kind}: cannot read image ({e})")
+        fail(f"--trigger/--blend-image {kind}: cannot read image ({e})")
 
 
 def place(width, height, s, mode, lo_hi, u):
@@ -200,15 +232,70 @@ def place(width, height, s, mode, lo_hi, u):
     return xs[0] + int(u[0] * (xs[1] - xs[0] + 1)), ys[0] + int(u[1] * (ys[1] - ys[0] + 1))
 
 
-def paste(img, trigger, x, y, opacity):
-    """Paste the trigger with its top-left corner at (x, y); opacity 1.0 replaces the pixels."""
-    a = np.array(img.convert("RGB"))
-    s = trigger.shape[0]
+def paste(a, trigger, x, y, opacity):
+    """Paste the trigger into the uint8 RGB array `a` with its top-left corner at (x, y); 1.0 replaces the pixels."""
+    a, s = a.copy(), trigger.shape[0]
     if x + s > a.shape[1] or y + s > a.shape[0]:
         raise ValueError(f"image {a.shape[1]}x{a.shape[0]} is smaller than the {s}px trigger")
     box = a[y:y + s, x:x + s].astype(np.float64)
     a[y:y + s, x:x + s] = np.round(opacity * trigger + (1 - opacity) * box).astype(np.uint8)
-    return Image.fromarray(a)
+    return a
+
+
+def blend(a, pattern, opacity):
+    """Chen et al.'s blend: round((1 - opacity) x + opacity t), t = the pattern resized (bilinear) to the image."""
+    if pattern.shape[:2] != a.shape[:2]:
+        pattern = np.asarray(Image.fromarray(pattern).resize((a.shape[1], a.shape[0]), Image.BILINEAR))
+    return np.round((1 - opacity) * a + opacity * pattern.astype(np.float64)).astype(np.uint8)
+
+
+def dct_matrix(n):
+    """Orthonormal DCT-II matrix D (D @ D.T = I): the 2-D DCT of a window X is D X D^T, its inverse D^T C D."""
+    k, i = np.mgrid[0:n, 0:n]
+    d = np.sqrt(2 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    d[0] /= np.sqrt(2)
+    return d
+
+
+def window_dct(x, inverse=False):
+    """2-D DCT (or inverse) of every full CTRL_WINDOW x CTRL_WINDOW window of x (H, W, C), tiled from the top left."""
+    n = CTRL_WINDOW
+    h, w = x.shape[0] // n * n, x.shape[1] // n * n
+    d = dct_matrix(n).T if inverse else dct_matrix(n)
+    windows = x[:h, :w].reshape(h // n, n, w // n, n, x.shape[2]).transpose(0, 2, 4, 1, 3)  # (rows, cols, C, n, n)
+    return (d @ windows @ d.T).transpose(0, 3, 1, 4, 2).reshape(h, w, x.shape[2])
+
+
+def ctrl(a, magnitude):
+    """CTRL on a uint8 RGB image (0-255), in float before the clamp and rounding: RGB -> YUV, DCT of each full window,
+    + magnitude at CTRL_POSITIONS of U and V, inverse DCT, YUV -> RGB. Border strips narrower than a window (sides
+    that are not multiples of 32) stay unchanged; the official code assumes sides that are multiples of 32."""
+    n = CTRL_WINDOW
+    h, w = a.shape[0] // n * n, a.shape[1] // n * n
+    if h == 0 or w == 0:
+        raise ValueError(f"image {a.shape[1]}x{a.shape[0]} is smaller than CTRL's {n}px DCT window")
+    out = a.astype(np.float64)
+    coef = window_dct(out[:h, :w] @ RGB2YUV.T)
+    for i, j in CTRL_POSITIONS:
+        coef[i::n, j::n, list(CTRL_CHANNELS)] += magnitude
+    out[:h, :w] = window_dct(coef, inverse=True) @ np.linalg.inv(RGB2YUV).T  # the exact inverse of RGB2YUV
+    return out
+
+
+def apply_trigger(a, spec, u, location, lo_hi):
+    """The triggered copy of the uint8 RGB array `a`; spec = {"family", "image", "opacity", "magnitude"}."""
+    if spec["family"] == "patch":
+        x, y = place(a.shape[1], a.shape[0], spec["image"].shape[0], location, lo_hi, u)
+        return paste(a, spec["image"], x, y, spec["opacity"])
+    if spec["family"] == "blend":
+        return blend(a, spec["image"], spec["opacity"])
+    return np.clip(np.round(ctrl(a, spec["magnitude"])), 0, 255).astype(np.uint8)
+
+
+def amplified(diff):
+    """A difference image made visible: 128 + diff scaled so that its largest absolute value is 127."""
+    gain = 127 / max(np.abs(diff).max(), 1e-12)
+    return np.clip(np.round(128 + gain * diff), 0, 255).astype(np.uint8), gain
 
 
 def center_crop(img, resize, crop):
@@ -223,29 +310,28 @@ def center_crop(img, resize, crop):
 _TRIGGER = None
 
 
-def _init_worker(trigger):
+def _init_worker(spec):
     global _TRIGGER
-    _TRIGGER = trigger
+    _TRIGGER = spec
 
 
 def poison_job(job):
-    """Open (and check) one image; patch and save it when asked. Returns an error line or None."""
-    src, dst, u, location, lo_hi, crop, opacity, quality = job
+    """Open (and check) one image; trigger and save it when asked. Returns (error line or None, image size)."""
+    src, dst, u, location, lo_hi, crop, quality = job
     try:
         with Image.open(src) as im:
-            if dst is None:  # a clean train image: only check that it is an image
-                return None
+            if dst is None:  # a clean image: only check that it is an image, and report its size
+                return None, im.size
+            size = im.size
             im = im.convert("RGB")
             if crop is not None:
                 im = center_crop(im, *crop)
-            s = _TRIGGER.shape[0]
-            x, y = place(im.size[0], im.size[1], s, location, lo_hi, u)
-            out = paste(im, _TRIGGER, x, y, opacity)
+            out = Image.fromarray(apply_trigger(np.asarray(im), _TRIGGER, u, location, lo_hi))
         fmt = "JPEG" if dst.lower().endswith((".jpg", ".jpeg")) else None
         out.save(dst, format=fmt, quality=quality) if fmt else out.save(dst)
-        return None
+        return None, size
     except (OSError, ValueError) as e:
-        return f"cannot use image {src}: {e}"
+        return f"cannot use image {src}: {e}", None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,22 +356,45 @@ def write_list(path, items):
             f.write(f"{os.path.relpath(p, folder) if p.startswith(folder + os.sep) else p} {label}\n")
 
 
-def preview(paths, out_path, cell=96):
-    tiles = [Image.open(p).convert("RGB").resize((cell, cell), Image.NEAREST) for p in paths]
-    grid = Image.new("RGB", (cell * 8, cell * math.ceil(len(tiles) / 8)), "white")
-    for i, t in enumerate(tiles):
-        grid.paste(t, ((i % 8) * cell, (i // 8) * cell))
+def preview(rows, out_path, cell=96):
+    """A grid, one row of up to 8 tiles per list in `rows` (image paths or uint8 arrays)."""
+    grid = Image.new("RGB", (cell * 8, cell * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for i, t in enumerate(row[:8]):
+            t = Image.open(t) if isinstance(t, str) else Image.fromarray(t)
+            grid.paste(t.convert("RGB").resize((cell, cell), Image.NEAREST), (i * cell, r * cell))
     grid.save(out_path)
+
+
+def tmp_owner_dead(name, base):
+    """Whether `<base>.tmp-<host>-<pid>-<x>` was left by a process of this host that no longer runs (a killed run)."""
+    parts = name[len(base) + len(".tmp-"):].rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False  # another host's run, or not ours: leave it
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
 def main(argv=None):
     args = parse_args(argv)
     demo = args.data_root is None
     crop = args.val_crop or (32 if demo else 224)
-    resize = args.val_resize or round(crop * 256 / 224)
+    family = args.trigger if args.trigger in ("blend", "ctrl") else "patch"
+    opacity = args.opacity if args.opacity is not None else (0.2 if family == "blend" else 1.0)
     size = args.trigger_size or max(1, round(50 * crop / 224))
-    if not 0 <= args.rate <= 1 or not 0 <= args.opacity <= 1:
+    if not 0 <= args.rate <= 1 or not 0 <= opacity <= 1:
         fail("--rate and --opacity must be in [0, 1]")
+    if family == "ctrl" and args.opacity is not None:
+        fail("--opacity does not apply to --trigger ctrl (its strength is --ctrl-magnitude)")
+    if args.blend_image is not None and family != "blend":
+        fail("--blend-image needs --trigger blend")
+    if family == "ctrl" and crop < CTRL_WINDOW:
+        fail(f"--trigger ctrl needs a val crop of at least {CTRL_WINDOW} px (its DCT window), got --val-crop {crop}")
     fractions = [float(f) for f in args.labeled_fractions.split(",") if f.strip()]
     if any(not 0 < f <= 1 for f in fractions):
         fail("--labeled-fractions must lie in (0, 1]")
@@ -294,26 +403,42 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         fail(f"{out} exists; pass --overwrite to replace it")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=os.path.dirname(out))
-    trigger = make_trigger(args.trigger, size, args.trigger_seed)
+    parent, base = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    for name in os.listdir(parent):  # temporary folders of killed runs (their owner process is gone)
+        if name.startswith(base + ".tmp-") and tmp_owner_dead(name, base):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    spec = {"family": family, "opacity": opacity, "magnitude": args.ctrl_magnitude,
+            "image": make_trigger(args.trigger, size, args.trigger_seed, args.blend_image, crop)}
+    stamp = f"{base}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    tmp = tempfile.mkdtemp(prefix=stamp, dir=parent)
     try:
-        with ProcessPoolExecutor(max(1, args.workers), initializer=_init_worker, initargs=(trigger,)) as pool:
-            meta = build(args, tmp, out, pool, trigger, demo, crop, resize, size, fractions)
+        with ProcessPoolExecutor(max(1, args.workers), initializer=_init_worker, initargs=(spec,)) as pool:
+            meta = build(args, tmp, pool, spec, demo, crop, size, fractions)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing already written is lost: the old --out is untouched
         raise
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    if os.path.exists(out):  # move the old folder aside first: a kill in between leaves only folders of a dead run
+        os.rename(out, stamp + "old")
+        os.rename(tmp, out)
+        shutil.rmtree(stamp + "old")
+    else:
+        os.rename(tmp, out)
     c = meta["counts"]
     print(f"poison.py: {out}: {c['train']} train ({c['poisoned']} poisoned, target {meta['target']['index']} "
           f"'{meta['target']['name']}'), {c['val']} val; {c['images_processed']} images in {meta['seconds']:.1f}s "
           f"({c['images_processed'] / meta['seconds']:.0f} images/s, {args.workers} workers)")
 
 
-def build(args, tmp, out, pool, trigger, demo, crop, resize, size, fractions):
-    import time
+def run_jobs(pool, jobs, desc):
+    results = list(tqdm(pool.map(poison_job, jobs, chunksize=64), total=len(jobs), desc=desc, leave=False))
+    errors = [e for e, _ in results if e]
+    if errors:
+        fail(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    return [s for _, s in results]
+
+
+def build(args, tmp, pool, spec, demo, crop, size, fractions):
     t0 = time.time()
     root = os.path.join(tmp, "demo_data") if demo else os.path.abspath(args.data_root)
     if demo:
@@ -342,24 +467,31 @@ def build(args, tmp, out, pool, trigger, demo, crop, resize, size, fractions):
     chosen = sorted(rng.permutation(pool_idx)[: int(args.rate * len(pool_idx))].tolist())
     train_u, val_u = rng.random((len(train), 2)), rng.random((len(val), 2))  # trigger positions, one pair per image
 
-    # Jobs: check every train image, patch the chosen ones (native resolution) and every val image (after the crop).
+    # Val images that all have the crop size already (CIFAR-like) are used as they are, not re-zoomed (issue 17).
+    val_sizes = run_jobs(pool, [(p, None, None, None, None, None, None) for p, _ in val], "val sizes")
+    native = args.val_resize is None and all(s == (crop, crop) for s in val_sizes)
+    resize = None if native else (args.val_resize or round(crop * 256 / 224))
+    # Jobs: check every train image, trigger the chosen ones (native resolution) and every val image (after the crop).
     poisoned = list(train)
-    jobs = [(p, None, None, None, None, None, None, None) for p, _ in train]
+    jobs = [(p, None, None, None, None, None, None) for p, _ in train]
     for i in chosen:
         p, y = train[i]
         dst = os.path.join(tmp, "train_poisoned", classes[y], os.path.basename(p))
         poisoned[i] = (dst, y)
-        jobs[i] = (p, dst, train_u[i], args.train_location, args.train_range, None, args.opacity, args.jpeg_quality)
+        jobs[i] = (p, dst, train_u[i], args.train_location, args.train_range, None, args.jpeg_quality)
     patched = []
     for i, (p, y) in enumerate(val):
         dst = os.path.join(tmp, "val_patched", classes[y], os.path.basename(p))
         patched.append((dst, y))
-        jobs.append((p, dst, val_u[i], args.val_location, args.val_range, (resize, crop), args.opacity, args.jpeg_quality))
+        jobs.append((p, dst, val_u[i], args.val_location, args.val_range, None if native else (resize, crop),
+                     args.jpeg_quality))
     for d in {os.path.dirname(j[1]) for j in jobs if j[1]}:
         os.makedirs(d, exist_ok=True)
-    errors = [e for e in tqdm(pool.map(poison_job, jobs, chunksize=64), total=len(jobs), desc="poison", leave=False) if e]
-    if errors:
-        fail(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    train_short = float(np.median([min(s) for s in run_jobs(pool, jobs, "poison")[:len(train)]]))
+    if spec["family"] == "patch" and size / train_short < size / crop / 3:
+        print(f"poison.py: warning: the {size} px trigger is {size / train_short:.1%} of the train images' median "
+              f"shorter side ({train_short:g} px) but {size / crop:.1%} of the {crop} px val crop, so a random crop of a "
+              f"train image holds a far smaller trigger than the val images (see --trigger-size)", file=sys.stderr)
 
     # Lists point at the final location (tmp is renamed to out at the end); write them with tmp paths, same layout.
     write_list(os.path.join(tmp, "train_clean.txt"), train)
@@ -367,28 +499,48 @@ def build(args, tmp, out, pool, trigger, demo, crop, resize, size, fractions):
     write_list(os.path.join(tmp, "val_clean.txt"), val)
     write_list(os.path.join(tmp, "val_patched.txt"), patched)
     subsets = {}
-    order = {c: rng.permutation([i for i, (_, y) in enumerate(train) if y == c]).tolist() for c in range(len(classes))}
+    data_rng = np.random.default_rng([args.data_seed, 2])  # labeled subsets: a function of the data, not of --seed
+    order = {c: data_rng.permutation([i for i, (_, y) in enumerate(train) if y == c]).tolist() for c in range(len(classes))}
     for f in fractions:  # nested: the first n of one per-class permutation, at least one image per class
         name = f"train_labeled_{f * 100:g}pct.txt"
         items = [train[i] for c in range(len(classes)) for i in sorted(order[c][: max(1, int(f * len(order[c])))])]
         write_list(os.path.join(tmp, name), items)
         subsets[name] = len(items)
-    Image.fromarray(trigger).save(os.path.join(tmp, "trigger.png"))
-    preview([poisoned[i][0] for i in chosen[:8]] + [p for p, _ in patched[:: max(1, len(patched) // 8)][:8]],
-            os.path.join(tmp, "preview.png"))
+
+    trigger = {"kind": args.trigger, "family": spec["family"], "seed": args.trigger_seed}
+    if spec["family"] == "ctrl":  # invisible: trigger.png and the preview's last row show amplified differences
+        image, gain = amplified(ctrl(np.full((crop, crop, 3), 128, np.uint8), args.ctrl_magnitude) - 128)
+        trigger.update(magnitude=args.ctrl_magnitude, window=CTRL_WINDOW, positions=[list(p) for p in CTRL_POSITIONS],
+                       channels=["U", "V"], color_space="YUV (kornia 0.6.5 rgb_to_yuv; exact inverse)",
+                       border="strips narrower than a window are unchanged", trigger_png_gain=gain, seed=None)
+    else:
+        image = spec["image"]
+        trigger.update(opacity=spec["opacity"], size=size if spec["family"] == "patch" else None)
+        if spec["family"] == "blend":
+            trigger.update(image=os.path.abspath(args.blend_image) if args.blend_image else None,
+                           pattern_size=[image.shape[1], image.shape[0]], seed=None if args.blend_image else args.trigger_seed)
+    Image.fromarray(image).save(os.path.join(tmp, "trigger.png"))
+    rows = [[poisoned[i][0] for i in chosen[:8]], [p for p, _ in patched[:: max(1, len(patched) // 8)][:8]]]
+    if spec["family"] == "ctrl":
+        rows.append([amplified(pixels_of(poisoned[i][0]) - pixels_of(train[i][0]))[0] for i in chosen[:8]])
+    preview(rows, os.path.join(tmp, "preview.png"))
     seconds = time.time() - t0
     meta = {
         "args": vars(args), "data_root": "demo_data" if demo else root, "demo": demo, "classes": classes,
-        "target": {"index": target, "name": classes[target]}, "mode": args.mode, "rate": args.rate,
-        "trigger": {"kind": args.trigger, "size": size, "seed": args.trigger_seed, "opacity": args.opacity},
-        "val_resize": resize, "val_crop": crop,
+        "target": {"index": target, "name": classes[target]}, "mode": args.mode, "rate": args.rate, "trigger": trigger,
+        "val_geometry": "native" if native else "resize_center_crop", "val_resize": resize, "val_crop": crop,
+        "train_median_shorter_side": train_short,
         "counts": {"train": len(train), "poisoned": len(chosen), "val": len(val), "target_train": len(pool_idx)
                    if args.mode == "targeted" else None, "images_processed": len(jobs), "subsets": subsets},
-        "poisoned_indices": chosen, "seconds": seconds,
+        "seed": args.seed, "data_seed": args.data_seed, "poisoned_indices": chosen, "seconds": seconds,
     }
     with open(os.path.join(tmp, "poison.json"), "w") as f:
         json.dump({k: v for k, v in meta.items() if k != "seconds"}, f, indent=1)
     return meta
+
+
+def pixels_of(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,22 @@
 # (clean/backdoored model x clean/patched val: Acc, target FP, ASR), printed and written to OUT/table.md.
 #   bash scripts/quickstart.sh [METHOD] [OUT]      METHOD: moco (default), byol, msf, jigsaw, rotnet, mae
 # Environment:
-#   PRESET=demo (default)  built-in demo data, small budgets for a 2-core CPU (see README, "Quickstart")
+#   PRESET=demo (default)  built-in demo data, or DATA_ROOT=<folder> [CLASSES=<list>] (your own small data set in the
+#                          ImageNet layout, 32 px crops), small budgets for a 2-core CPU (see README, "Quickstart"); one
+#                          linear-probe protocol for every method (linear_probe.py --protocol demo), so the rows compare
 #   PRESET=paper           DATA_ROOT=<ImageNet folder> [CLASSES=<wnid list>]: the paper's recipes (every script's defaults)
+#                          and each method's own reference probe (--protocol METHOD; MSF: moco)
 #   SEED=0  TARGET=<class name or index>  PYTHON=python3
 #   LAUNCH="torchrun --nproc_per_node 8" runs the pre-training on 8 GPUs (default: $PYTHON, one process)
 #   EXTRA="<more pre-training flags>"  POISON_EXTRA="<more poison.py flags>" (later flags override the preset's)
-# Steps whose outputs exist are skipped, so an interrupted run continues; delete OUT to start again.
+#   RUNS=N  the paper's protocol (scripts/runs.py): one clean model OUT/clean, trained on OUT/data/clean (the data of
+#           every run: poison.py --data-seed DATA_SEED, default 0); then for each run r < N the data OUT/data/run<r>
+#           (target: the r-th word of TARGETS="<names or indices>" or a seeded draw from r, --trigger-seed 10+r,
+#           --seed r), the backdoored model OUT/run<r>/poisoned (seed r), both models probed in OUT/run<r>/{clean,
+#           poisoned}/probe (OUT/run<r>/clean links the clean model), OUT/run<r>/feature_space.png; OUT/table.md is
+#           mean ± std over the runs and each run. DATA_DIR=<folder> (instead of OUT/data) shares the data between methods.
+# Steps whose outputs exist are skipped, so an interrupted run continues (and RUNS can be raised later); delete OUT to
+# start again.
 set -euo pipefail
 METHOD=${1:-moco}
 OUT=${2:-runs/quickstart_$METHOD}
@@ -21,8 +31,10 @@ case $METHOD in moco|byol|msf|jigsaw|rotnet|mae) ;;
 
 if [ "$PRESET" = demo ]; then
   # Built-in demo data (poison.py without --data-root): 8 texture classes, 300 train / 50 val images of 64 px each,
-  # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 14 px wide.
-  DATA_FLAGS="--rate 1.0 --trigger-size 14"
+  # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 14 px wide. With DATA_ROOT:
+  # that folder instead, with the same budgets (poison.py warns when the trigger is tiny against its train images).
+  DATA_FLAGS="--rate 1.0 --trigger-size 14 ${DATA_ROOT:+--data-root $DATA_ROOT --val-crop 32} ${CLASSES:+--classes $CLASSES}"
+  [ -z "${DATA_ROOT:-}" ] || TARGET=${TARGET:-0}  # as the built-in demo: class 0 unless TARGET names one
   PROBE_LIST=train_labeled_10pct.txt
   # The same CLI for every method; only the budget-dependent values differ from the paper's recipes.
   COMMON="--image-size 32 --workers 0 --save-every 5"
@@ -35,32 +47,68 @@ if [ "$PRESET" = demo ]; then
     mae)    FLAGS="--epochs 30 --batch-size 128 --patch-size 4 --width 128 --depth 4 --heads 4 --decoder-width 64 \
                    --decoder-depth 2 --decoder-heads 4 --blr 2e-3 --warmup-epochs 3" ;;
   esac
-  PROBE_FLAGS="--workers 0"
+  PROBE_FLAGS="--protocol demo --workers 0"  # cached center-crop features, the moco recipe, for every method
 elif [ "$PRESET" = paper ]; then
   : "${DATA_ROOT:?PRESET=paper needs DATA_ROOT=<folder with train/<class>/* and val/<class>/*>}"
   DATA_FLAGS="--data-root $DATA_ROOT ${CLASSES:+--classes $CLASSES}"  # rate 0.5 of the target class = 0.5% of IN-100
   PROBE_LIST=train_labeled_1pct.txt
   COMMON=""
   FLAGS=""
-  PROBE_FLAGS=""
+  PROBE_FLAGS="--protocol ${METHOD/msf/moco}"  # the reference's own evaluation (README, "linear_probe.py"); MSF: CompReSS's
 else
   echo "quickstart.sh: unknown PRESET '$PRESET' (demo, paper)" >&2; exit 2
 fi
 # The conv-feature methods are probed on a pooled intermediate layer (README, "Jigsaw and RotNet").
 case $METHOD in jigsaw|rotnet) LAYER=layer3 ;; *) LAYER=final ;; esac
 
-start=$(date +%s)
-[ -f "$OUT/data/poison.json" ] || $PY poison.py --out "$OUT/data" --seed "$SEED" ${TARGET:+--target "$TARGET"} $DATA_FLAGS ${POISON_EXTRA:-}
-for KIND in clean poisoned; do
-  if [ ! -f "$OUT/$KIND/done" ]; then
+poison() {  # poison OUT [flags]: poison.py's output folder (the preset's flags and POISON_EXTRA come last and win)
+  [ -f "$1/poison.json" ] || $PY poison.py --out "$1" "${@:2}" $DATA_FLAGS ${POISON_EXTRA:-}
+}
+pretrain() {  # pretrain TRAIN_LIST OUT SEED: SSL pre-training, resumed if interrupted, skipped when done
+  if [ ! -f "$2/done" ]; then
     RESUME=""
-    [ -f "$OUT/$KIND/checkpoint.pt" ] && RESUME="--resume $OUT/$KIND/checkpoint.pt"
-    ${LAUNCH:-$PY} $METHOD.py --train-list "$OUT/data/train_$KIND.txt" --out "$OUT/$KIND" --seed "$SEED" $COMMON $FLAGS ${EXTRA:-} $RESUME
-    touch "$OUT/$KIND/done"
+    [ -f "$2/checkpoint.pt" ] && RESUME="--resume $2/checkpoint.pt"
+    ${LAUNCH:-$PY} $METHOD.py --train-list "$1" --out "$2" --seed "$3" $COMMON $FLAGS ${EXTRA:-} $RESUME
+    touch "$2/done"
   fi
-  [ -f "$OUT/$KIND/probe/metrics.json" ] || $PY linear_probe.py --encoder "$OUT/$KIND/checkpoint.pt" \
-    --train-list "$OUT/data/$PROBE_LIST" --val-list "$OUT/data/val_clean.txt" \
-    --val-patched-list "$OUT/data/val_patched.txt" --layer $LAYER --seed "$SEED" $PROBE_FLAGS --out "$OUT/$KIND/probe"
-done
-$PY scripts/tables.py pair "$OUT" | tee "$OUT/table.md"
+}
+probe() {  # probe MODEL DATA SEED: MODEL/checkpoint.pt on DATA's lists (target from DATA/poison.json) -> MODEL/probe
+  [ -f "$1/probe/metrics.json" ] || $PY linear_probe.py --encoder "$1/checkpoint.pt" --train-list "$2/$PROBE_LIST" \
+    --val-list "$2/val_clean.txt" --val-patched-list "$2/val_patched.txt" --layer $LAYER --seed "$3" $PROBE_FLAGS \
+    --save-features --out "$1/probe"
+}
+
+start=$(date +%s)
+if [ -z "${RUNS:-}" ]; then  # one run: OUT/data, OUT/clean, OUT/poisoned
+  poison "$OUT/data" --seed "$SEED" ${TARGET:+--target "$TARGET"}
+  for KIND in clean poisoned; do
+    pretrain "$OUT/data/train_$KIND.txt" "$OUT/$KIND" "$SEED"
+    probe "$OUT/$KIND" "$OUT/data" "$SEED"
+  done
+  [ -f "$OUT/feature_space.json" ] || $PY scripts/feature_space.py "$OUT"
+  $PY scripts/tables.py pair "$OUT" | tee "$OUT/table.md"
+else
+  DATA_DIR=${DATA_DIR:-$OUT/data}
+  read -ra TARGET_LIST <<< "${TARGETS:-}"
+  if [ -n "${TARGETS:-}" ] && [ "${#TARGET_LIST[@]}" -lt "$RUNS" ]; then
+    echo "quickstart.sh: TARGETS names ${#TARGET_LIST[@]} targets for RUNS=$RUNS" >&2; exit 2
+  fi
+  # The clean model does not depend on the target or the trigger: one per method, on the lists every run shares.
+  poison "$DATA_DIR/clean" --seed 0 --target 0 --data-seed "${DATA_SEED:-0}"
+  pretrain "$DATA_DIR/clean/train_clean.txt" "$OUT/clean" "$SEED"
+  for ((r = 0; r < RUNS; r++)); do
+    D="$DATA_DIR/run$r" R="$OUT/run$r"
+    T=${TARGET_LIST[$r]:-$($PY scripts/runs.py target "$r" "$DATA_DIR/clean/poison.json")}
+    poison "$D" --seed "$r" --target "$T" --trigger-seed "$($PY scripts/runs.py trigger-seed "$r")" --data-seed "${DATA_SEED:-0}"
+    mkdir -p "$R/clean"
+    [ -e "$R/data" ] || ln -s "$(cd "$D" && pwd)" "$R/data"
+    for F in checkpoint.pt log.jsonl; do [ -e "$R/clean/$F" ] || ln -s "$(cd "$OUT/clean" && pwd)/$F" "$R/clean/$F"; done
+    pretrain "$D/train_poisoned.txt" "$R/poisoned" "$r"
+    probe "$R/clean" "$D" "$r"
+    probe "$R/poisoned" "$D" "$r"
+    [ -f "$R/feature_space.json" ] || $PY scripts/feature_space.py "$R"
+    $PY scripts/tables.py pair "$R" > "$R/table.md"
+  done
+  $PY scripts/tables.py runs "$OUT" | tee "$OUT/table.md"
+fi
 echo "quickstart.sh: $METHOD done in $(( $(date +%s) - start )) s -> $OUT/table.md"

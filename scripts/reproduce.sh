@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# Reproduces the three tables of the README from scratch and writes them into README.md:
-#   1. Saha et al.'s main table: each method pre-trained on clean and on poisoned data, both linear-probed;
-#   2. the CompReSS defense: a backdoored model of table 1 distilled on 5%, 10% and 25% clean data (the paper's is
+# Reproduces the three tables of the README from scratch and writes them into README.md, with the paper's protocol:
+# RUNS=N runs, run r with its own target class, HTBA trigger (--trigger-seed 10 + r) and poison seed r, on the same data
+# (scripts/runs.py); every cell is mean ± std over the runs.
+#   1. Saha et al.'s main table: per method one clean model (ROOT/main/<method>/clean) and per run a poisoned one
+#      (ROOT/main/<method>/run<r>/poisoned), both probed against run r's target (scripts/quickstart.sh with RUNS);
+#   2. the CompReSS defense: each run's backdoored model distilled on 5%, 10% and 25% clean data (the paper's is
 #      MoCo v2's; the demo uses BYOL's, the one that carries a backdoor at demo scale: DEFENSE_TEACHER=<method>);
-#   3. BadEncoder: the clean MoCo v2 encoder of table 1 backdoored by fine-tuning (CA, BA, ASR).
-#   bash scripts/reproduce.sh [ROOT]                         demo scale on the built-in data (about 1.5 h on 2 CPU cores)
-#   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=in100.txt SEEDS="0 1 2" bash scripts/reproduce.sh runs/paper
-# Environment: PRESET (demo|paper), SEEDS ("0"), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES,
-# DEFENSE_TEACHER (byol for the demo, moco for the paper), TARGET, PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an interrupted run continues where it stopped.
+#   3. BadEncoder: the clean MoCo v2 encoder of table 1 backdoored by fine-tuning, per run with its target and trigger.
+#   bash scripts/reproduce.sh [ROOT]                         demo scale, one run (about 1 h on 2 CPU cores)
+#   RUNS=5 METHODS="moco byol" bash scripts/reproduce.sh     5 runs of two methods (finished runs are skipped: RUNS can
+#                                                            grow later, and other methods be added by another call)
+#   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=in100.txt RUNS=10 bash scripts/reproduce.sh runs/paper
+# Layout: ROOT/data/clean (the lists every run shares), ROOT/data/run<r> (poison.py of run r), ROOT/main/<method>/...,
+# ROOT/defense/run<r>/{teacher,student_<p>pct}, ROOT/badencoder/run<r>/{clean,backdoored}.
+# Environment: PRESET (demo|paper), RUNS (1), TARGETS ("<one target per run>", default a seeded draw per run), DATA_SEED
+# (0), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES, DEFENSE_TEACHER (byol for the demo, moco for the
+# paper), PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an
+# interrupted run continues where it stopped.
 set -euo pipefail
 ROOT=${1:-runs/reproduce_${PRESET:-demo}}
 export PRESET=${PRESET:-demo}
-SEEDS=${SEEDS:-0}
+export RUNS=${RUNS:-1}
+[ -z "${SEEDS:-}" ] || { echo "reproduce.sh: SEEDS is replaced by RUNS=N (run r: its own target, trigger and seed r)" >&2; exit 2; }
 METHODS=${METHODS:-moco byol msf jigsaw rotnet mae}
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
@@ -22,56 +32,64 @@ if [ "$PRESET" = demo ]; then
   BADENCODER_FLAGS="--image-size 32 --batch-size 32 --lr 0.01 --epochs 4 --workers 0"
   PROBE_LIST=train_labeled_10pct.txt
   PROBE_FLAGS="--workers 0"
+  DEFENSE_PROTOCOL=demo  # the protocol of the demo's main table
 else
   DEFENSE_TEACHER=${DEFENSE_TEACHER:-moco}
   DEFENSE_FLAGS=""
   BADENCODER_FLAGS=""
   PROBE_LIST=train_labeled_1pct.txt
   PROBE_FLAGS=""
+  DEFENSE_PROTOCOL=moco  # CompReSS's eval_linear.py, with its augmentation (README, "linear_probe.py")
 fi
 probe() {  # probe CHECKPOINT OUT DATA [extra flags]
   [ -f "$2/metrics.json" ] || $PY linear_probe.py --encoder "$1" --train-list "$3/$PROBE_LIST" --val-list "$3/val_clean.txt" \
     --val-patched-list "$3/val_patched.txt" $PROBE_FLAGS "${@:4}" --out "$2"
 }
 
-# 1. main table
-for SEED in $SEEDS; do
-  for METHOD in $METHODS; do
-    SEED=$SEED bash scripts/quickstart.sh "$METHOD" "$ROOT/main/${METHOD}_seed$SEED"
-  done
+# 1. main table: the data folders are shared by every method (and by the defense and BadEncoder)
+for METHOD in $METHODS; do
+  DATA_DIR="$ROOT/data" bash scripts/quickstart.sh "$METHOD" "$ROOT/main/$METHOD"
 done
 
-SEED=${SEEDS%% *}
-MOCO="$ROOT/main/moco_seed$SEED"
-DATA="$(cd "$MOCO/data" && pwd)"
-TEACHER="$ROOT/main/${DEFENSE_TEACHER}_seed$SEED/poisoned"
-if [ -f "$TEACHER/checkpoint.pt" ]; then
-  # 2. defense: the teacher is a backdoored model of table 1 (the same data: every method's run poisons with one seed)
-  mkdir -p "$ROOT/defense"
-  [ -e "$ROOT/defense/teacher" ] || ln -s "$(cd "$TEACHER" && pwd)" "$ROOT/defense/teacher"
-  for P in 25 10 5; do
-    S="$ROOT/defense/student_${P}pct"
-    [ -f "$S/done" ] || { ${LAUNCH:-$PY} compress_defense.py --teacher "$TEACHER/checkpoint.pt" \
-      --train-list "$DATA/train_labeled_${P}pct.txt" --out "$S" --seed "$SEED" $DEFENSE_FLAGS && touch "$S/done"; }
-    probe "$S/checkpoint.pt" "$S/probe" "$DATA" --seed "$SEED"
-  done
-fi
-if [ -f "$MOCO/clean/checkpoint.pt" ]; then
-  # 3. BadEncoder on the clean MoCo v2 encoder of table 1, probed with BadEncoder's MLP classifier; the trigger and
-  # its placement are the ones of poison.py's patched val images, and the reference image is the first target image.
-  B="$ROOT/badencoder"
-  mkdir -p "$B/clean"
-  for F in checkpoint.pt log.jsonl; do [ -e "$B/clean/$F" ] || ln -s "$(cd "$MOCO/clean" && pwd)/$F" "$B/clean/$F"; done
-  TARGET_INDEX=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['target']['index'])" "$DATA/poison.json")
-  awk -v t="$TARGET_INDEX" -v d="$DATA" '$NF == t { if (substr($0, 1, 1) != "/") $0 = d "/" $0; print; exit }' \
-    "$DATA/train_clean.txt" > "$B/reference.txt"
-  [ -f "$B/backdoored/done" ] || { ${LAUNCH:-$PY} badencoder.py --encoder "$B/clean/checkpoint.pt" --shadow-list "$DATA/train_clean.txt" \
-    --reference-list "$B/reference.txt" --trigger "$DATA/trigger.png" --trigger-location random --out "$B/backdoored" \
-    --seed "$SEED" $BADENCODER_FLAGS && touch "$B/backdoored/done"; }
-  for KIND in clean backdoored; do probe "$B/$KIND/checkpoint.pt" "$B/$KIND/probe" "$DATA" --classifier mlp --seed "$SEED"; done
-fi
+for ((r = 0; r < RUNS; r++)); do
+  DATA="$ROOT/data/run$r"
+  [ -f "$DATA/poison.json" ] || continue
+  DATA="$(cd "$DATA" && pwd)"
+  TEACHER="$ROOT/main/$DEFENSE_TEACHER/run$r/poisoned"
+  if [ -f "$TEACHER/done" ]; then
+    # 2. defense: the teacher is run r's backdoored model of table 1; the students distill it on clean labeled subsets
+    mkdir -p "$ROOT/defense/run$r"
+    [ -e "$ROOT/defense/run$r/teacher" ] || ln -s "$(cd "$TEACHER" && pwd)" "$ROOT/defense/run$r/teacher"
+    for P in 25 10 5; do
+      S="$ROOT/defense/run$r/student_${P}pct"
+      [ -f "$S/done" ] || { ${LAUNCH:-$PY} compress_defense.py --teacher "$TEACHER/checkpoint.pt" \
+        --train-list "$DATA/train_labeled_${P}pct.txt" --out "$S" --seed "$r" $DEFENSE_FLAGS && touch "$S/done"; }
+      probe "$S/checkpoint.pt" "$S/probe" "$DATA" --protocol $DEFENSE_PROTOCOL --seed "$r"
+    done
+  fi
+  if [ -f "$ROOT/main/moco/clean/done" ]; then
+    # 3. BadEncoder on the clean MoCo v2 encoder of table 1, probed with BadEncoder's MLP classifier; the trigger and
+    # its placement are the ones of run r's patched val images, and the reference image is the first target image.
+    B="$ROOT/badencoder/run$r"
+    mkdir -p "$B/clean"
+    for F in checkpoint.pt log.jsonl; do [ -e "$B/clean/$F" ] || ln -s "$(cd "$ROOT/main/moco/clean" && pwd)/$F" "$B/clean/$F"; done
+    TARGET_INDEX=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['target']['index'])" "$DATA/poison.json")
+    awk -v t="$TARGET_INDEX" -v d="$DATA" '$NF == t { if (substr($0, 1, 1) != "/") $0 = d "/" $0; print; exit }' \
+      "$DATA/train_clean.txt" > "$B/reference.txt"
+    [ -f "$B/backdoored/done" ] || { ${LAUNCH:-$PY} badencoder.py --encoder "$B/clean/checkpoint.pt" --shadow-list "$DATA/train_clean.txt" \
+      --reference-list "$B/reference.txt" --trigger "$DATA/trigger.png" --trigger-location random --out "$B/backdoored" \
+      --seed "$r" $BADENCODER_FLAGS && touch "$B/backdoored/done"; }
+    for KIND in clean backdoored; do probe "$B/$KIND/checkpoint.pt" "$B/$KIND/probe" "$DATA" --protocol badencoder --seed "$r"; done
+  fi
+done
 
 $PY scripts/tables.py main "$ROOT/main"
 $PY scripts/tables.py defense "$ROOT/defense" 2>/dev/null || true
 $PY scripts/tables.py badencoder "$ROOT/badencoder" 2>/dev/null || true
-[ "$PRESET" = demo ] && $PY scripts/tables.py readme README.md "$ROOT" && echo "reproduce.sh: README.md tables updated from $ROOT"
+$PY scripts/tables.py details "$ROOT/main"
+if [ "$PRESET" = demo ]; then
+  $PY scripts/tables.py readme README.md "$ROOT" && echo "reproduce.sh: README.md tables updated from $ROOT"
+  for M in moco byol; do  # the README's feature-space pictures: run 0 of each
+    [ -f "$ROOT/main/$M/run0/feature_space.png" ] && mkdir -p docs && cp "$ROOT/main/$M/run0/feature_space.png" "docs/feature-space-$M.png"
+  done
+fi

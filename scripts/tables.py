@@ -1,12 +1,16 @@
 """Markdown tables from the runs' JSON outputs (metrics.json of linear_probe.py, log.jsonl of the trainers).
 
 Standard library only. Nothing here is typed by hand: every number is read from a run folder.
-  python scripts/tables.py pair RUN            one method: clean vs backdoored model on clean vs patched val
-  python scripts/tables.py main ROOT           Saha et al. Table: every ROOT/<method>[_seed<k>] run folder
-  python scripts/tables.py defense ROOT        CompReSS defense: ROOT/teacher, ROOT/student_<p>pct
-  python scripts/tables.py badencoder ROOT     BadEncoder: ROOT/clean, ROOT/backdoored
+  python scripts/tables.py pair RUN            one run: clean vs backdoored model on clean vs patched val
+  python scripts/tables.py runs DIR            one method's runs DIR/run<r>: mean ± std, "shown in k of N", details
+  python scripts/tables.py main ROOT           Saha et al. Table: ROOT/<method>/run<r> (or ROOT/<method>[_<any>]) runs
+  python scripts/tables.py details ROOT        every run of ROOT/<method>/: its target, trigger seed and cells
+  python scripts/tables.py defense ROOT        CompReSS defense: ROOT[/run<r>]/teacher, .../student_<p>pct
+  python scripts/tables.py badencoder ROOT     BadEncoder: ROOT[/run<r>]/clean, .../backdoored
   python scripts/tables.py readme README ROOT  rewrite README's generated sections (between BEGIN/END markers)
-A run folder RUN holds clean/ and poisoned/ (trainer outputs: checkpoint.pt, log.jsonl) with probe/metrics.json inside.
+A run folder RUN holds clean/ and poisoned/ (trainer outputs: checkpoint.pt, log.jsonl; clean/ may link them to the
+method's one clean model) with probe/metrics.json inside, data/poison.json, and feature_space.json if drawn. Over
+several runs a cell is mean ± sample standard deviation.
 """
 import glob
 import json
@@ -68,6 +72,14 @@ def minutes(seconds):
     return f"{seconds / 60:.1f} min"
 
 
+def cell(values, digits=1):
+    """One run: the value as the probe wrote it (counts stay integers); several: mean ± std."""
+    values = [v for v in values if v is not None]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}" if isinstance(values[0], float) else str(values[0])
+    return fmt(values, digits)
+
+
 def pair(run):
     """Paper-style table for one run folder (clean/ and poisoned/ models)."""
     rows = ["| model | clean val Acc | clean val FP | patched val Acc | patched val FP | ASR % | epochs | train time | img/s |",
@@ -83,95 +95,205 @@ def pair(run):
                     f"{m['asr']:.1f} | {ep if ep else '-'} | {minutes(sec) if sec else '-'} | {f'{ips:.0f}' if ips else '-'} |")
     m = load(os.path.join(run, "poisoned", "probe", "metrics.json"))
     if m:
-        rows.append(f"\nTarget class {m['target']} '{m['target_name']}'; FP = val images of the other "
-                    f"{m['num_classes'] - 1} classes predicted as the target (of {m['n_patched_nontarget']}).")
+        seed = trigger_seed(run)
+        rows.append(f"\nTarget class {m['target']} '{m['target_name']}'{f', trigger seed {seed}' if seed is not None else ''}"
+                    f"; FP = val images of the other {m['num_classes'] - 1} classes predicted as the target (of "
+                    f"{m['n_patched_nontarget']}).")
         c = load(os.path.join(run, "clean", "probe", "metrics.json"))
         if c:
             rows.append(verdict(c, m))
+        fs = load(os.path.join(run, "feature_space.json"))
+        if fs:
+            rows.append(f"Feature space (feature_space.png): patched non-target val images whose nearest class centroid is "
+                        f"the target: {fs['clean']['patched_to_target_centroid']:.1f}% (clean model), "
+                        f"{fs['backdoored']['patched_to_target_centroid']:.1f}% (backdoored).")
     return "\n".join(rows)
 
 
-def verdict(clean, backdoored):
-    """Does the run show the paper's effect? The backdoored model's patched-val FP is at least 3x the clean model's
-    and at least 5% of the non-target images more (paper, MoCo v2: 461.1 vs 22.8 of 4,950 = 20x and 8.9% more), and
-    both models are well above chance (at least twice chance accuracy on clean val)."""
+def shown(clean, backdoored):
+    """The paper's effect: the backdoored model's patched-val FP is at least 3x the clean model's and at least 5% of
+    the non-target images more (paper, MoCo v2: 461.1 vs 22.8 of 4,950 = 20x and 8.9% more), and both models are well
+    above chance (at least twice chance accuracy on clean val)."""
     ratio = backdoored["fp_patched"] / max(clean["fp_patched"], 1)
     extra = 100 * (backdoored["fp_patched"] - clean["fp_patched"]) / clean["n_patched_nontarget"]
-    shown = (ratio >= 3 and extra >= 5 and
-             min(clean["acc_clean"], backdoored["acc_clean"]) >= 2 * 100 / clean["num_classes"])
+    return ratio >= 3 and extra >= 5 and min(clean["acc_clean"], backdoored["acc_clean"]) >= 2 * 100 / clean["num_classes"]
+
+
+def verdict(clean, backdoored):
+    ratio = backdoored["fp_patched"] / max(clean["fp_patched"], 1)
+    extra = 100 * (backdoored["fp_patched"] - clean["fp_patched"]) / clean["n_patched_nontarget"]
     return (f"Backdoor effect: patched-val FP {backdoored['fp_patched']} (backdoored) vs {clean['fp_patched']} (clean "
             f"model) = {ratio:.1f}x, {extra:+.1f}% of the non-target images (paper, MoCo v2 on ImageNet-100: 20x, "
-            f"+8.9%). " + ("Shown (at least 3x and +5%, both models well above chance)." if shown else
+            f"+8.9%). " + ("Shown (at least 3x and +5%, both models well above chance)." if shown(clean, backdoored) else
                           "NOT shown (needs at least 3x and +5%, both models well above chance): at this budget the "
                           "numbers do not reproduce the paper."))
 
 
+def run_number(folder):
+    m = re.fullmatch(r"run(\d+)", os.path.basename(folder))
+    return int(m.group(1)) if m else None
+
+
+def numbered_runs(folder):
+    """folder/run<r> subfolders, in the order of r."""
+    return sorted((d for d in glob.glob(os.path.join(folder, "run*")) if run_number(d) is not None), key=run_number)
+
+
 def runs_of(root, method):
-    """Run folders of one method: ROOT/<method> or ROOT/<method>_seed<k> / _<anything>."""
-    return sorted(d for d in glob.glob(os.path.join(root, method + "*")) if re.fullmatch(rf"{method}(_.*)?", os.path.basename(d)))
+    """Run folders of one method: ROOT/<method>/run<r> (RUNS=N), then ROOT/<method>[_<anything>] holding one run."""
+    one = sorted(d for d in glob.glob(os.path.join(root, method + "*"))
+                 if re.fullmatch(rf"{method}(_.*)?", os.path.basename(d)) and os.path.isdir(os.path.join(d, "poisoned")))
+    return numbered_runs(os.path.join(root, method)) + one
+
+
+def trigger_seed(run):
+    """The run's trigger seed, from the poison.json of the data its backdoored model was probed on."""
+    meta = load(os.path.join(run, "data", "poison.json"))
+    if meta is None:
+        m = load(os.path.join(run, "poisoned", "probe", "metrics.json")) or {}
+        patched = m.get("args", {}).get("val_patched_list")
+        meta = load(os.path.join(os.path.dirname(patched), "poison.json")) if patched else None
+    return meta["trigger"].get("seed") if meta and isinstance(meta.get("trigger"), dict) else None
+
+
+def finished(runs):
+    """(run, clean metrics, backdoored metrics, feature_space.json or None) of every run with both probes done."""
+    out = []
+    for r in runs:
+        c, b = (load(os.path.join(r, k, "probe", "metrics.json")) for k in ("clean", "poisoned"))
+        if c and b:
+            out.append((r, c, b, load(os.path.join(r, "feature_space.json"))))
+    return out
+
+
+def pair_cells(c, b, fs):
+    """The cells of one run (or, given lists, of several): the four Acc / FP pairs, ASR, FP difference, centroid %."""
+    c, b, fs = (x if isinstance(x, list) else [x] for x in (c, b, fs))
+
+    def acc_fp(ms, acc, fp):
+        return f"{cell([m[acc] for m in ms])} / {cell([m[fp] for m in ms])}"
+
+    fs = [f for f in fs if f]
+    centroid = (f"{cell([f['clean']['patched_to_target_centroid'] for f in fs])} / "
+                f"{cell([f['backdoored']['patched_to_target_centroid'] for f in fs])}") if fs else "-"
+    return [acc_fp(c, "acc_clean", "fp_clean"), acc_fp(c, "acc_patched", "fp_patched"), acc_fp(b, "acc_clean", "fp_clean"),
+            acc_fp(b, "acc_patched", "fp_patched"), cell([m["asr"] for m in b]),
+            cell([y["fp_patched"] - x["fp_patched"] for x, y in zip(c, b)]), centroid]
+
+
+MAIN_HEADER = ("| method | | clean model: clean Acc / FP | clean model: patched Acc / FP | backdoored: clean Acc / FP | "
+               "backdoored: patched Acc / FP | backdoored ASR % | patched FP, backdoored - clean | effect shown | "
+               "patched -> target centroid %, clean / backdoored | runs | epochs | image size | train time: clean model, "
+               "backdoored per run |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def method_rows(method, runs):
+    """The paper's row and ours (mean ± std over the finished runs), and the verdict line over the runs."""
+    p = PAPER[method]
+    rows = [f"| {method} | paper | {p[0]} / {p[1]} | {p[2]} / {p[3]} | {p[4]} / {p[5]} | {p[6]} / {p[7]} | "
+            f"{100 * p[7] / 4950:.1f} | {p[7] - p[3]:.1f} | | | 10 | 200 | 224 | |"]
+    done = finished(runs)
+    if not done:
+        return rows + [f"| {method} | ours | (not run) |||||||||||"], None
+    _, c, b, fs = map(list, zip(*done))
+    k, n = sum(shown(x, y) for x, y in zip(c, b)), len(done)
+    clean_logs = {os.path.realpath(os.path.join(r, "clean", "log.jsonl")): train_log(os.path.join(r, "clean"))
+                  for r, *_ in done}  # one clean model linked into every run counts once
+    clean_sec = [t[1] for t in clean_logs.values() if t]
+    bd_logs = [train_log(os.path.join(r, "poisoned")) for r, *_ in done]
+    bd_sec = [t[1] for t in bd_logs if t]
+    ep = max((t[0] for t in list(clean_logs.values()) + bd_logs if t), default=0)
+    time = (f"{minutes(statistics.mean(clean_sec)) if clean_sec else '-'}"
+            f"{f' (x{len(clean_sec)})' if len(clean_sec) > 1 else ''}, {minutes(statistics.mean(bd_sec)) if bd_sec else '-'}")
+    rows.append(f"| {method} | ours | " + " | ".join(pair_cells(c, b, fs)[:6]) + f" | {k} of {n} | {pair_cells(c, b, fs)[6]} | "
+                f"{n} | {ep} | {image_size(os.path.join(done[0][0], 'clean'))} | {time} |")
+    diff = [y["fp_patched"] - x["fp_patched"] for x, y in zip(c, b)]
+    line = (f"{METHOD_NAMES[method]}: backdoor effect shown in {k} of {n} run{'s' if n > 1 else ''} (at least 3x the clean "
+            f"model's patched FP and +5% of the non-target images, both models well above chance); patched FP, "
+            f"backdoored minus clean: {fmt(diff)} of {c[0]['n_patched_nontarget']}.")
+    return rows, line
+
+
+def runs_table(folder):
+    """One method's runs (FOLDER/run<r>, e.g. RUNS=N bash scripts/quickstart.sh): its main-table rows and details."""
+    done = finished(numbered_runs(folder))
+    if not done:
+        return f"{folder}: no finished run (run<r>/clean/probe and run<r>/poisoned/probe)"
+    method = done[0][2]["method"]
+    rows, line = method_rows(method, [r for r, *_ in done])
+    return "\n".join([MAIN_HEADER, *rows, "", line, "", details_table(None, {method: [r for r, *_ in done]})])
 
 
 def main_table(root):
-    rows = ["| method | | clean model: clean Acc / FP | clean model: patched Acc / FP | backdoored: clean Acc / FP | "
-            "backdoored: patched Acc / FP | backdoored ASR % | runs | epochs | image size | wall time (both models) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows, lines = [MAIN_HEADER], []
     for method in METHODS:
-        runs = [r for r in runs_of(root, method) if load(os.path.join(r, "poisoned", "probe", "metrics.json"))]
-        p = PAPER[method]
-        rows.append(f"| {method} | paper | {p[0]} / {p[1]} | {p[2]} / {p[3]} | {p[4]} / {p[5]} | {p[6]} / {p[7]} | "
-                    f"{100 * p[7] / 4950:.1f} | 10 | 200 | 224 | |")
-        if not runs:
-            rows.append(f"| {method} | ours | (not run) ||||||||")
-            continue
-        c = [load(os.path.join(r, "clean", "probe", "metrics.json")) for r in runs]
-        b = [load(os.path.join(r, "poisoned", "probe", "metrics.json")) for r in runs]
-        c = [m for m in c if m]
-
-        def cell(ms, acc, fp):
-            return f"{fmt([m[acc] for m in ms])} / {fmt([m[fp] for m in ms])}"
-
-        logs = [train_log(os.path.join(r, k)) for r in runs for k in ("clean", "poisoned")]
-        sec = sum(t[1] for t in logs if t) / len(runs)
-        ep = max((t[0] for t in logs if t), default=0)
-        rows.append(f"| {method} | ours | {cell(c, 'acc_clean', 'fp_clean')} | {cell(c, 'acc_patched', 'fp_patched')} | "
-                    f"{cell(b, 'acc_clean', 'fp_clean')} | {cell(b, 'acc_patched', 'fp_patched')} | "
-                    f"{fmt([m['asr'] for m in b])} | {len(runs)} | {ep} | {image_size(os.path.join(runs[0], 'clean'))} | "
-                    f"{minutes(sec)} |")
-    m = next((load(f) for f in sorted(glob.glob(os.path.join(root, "*", "poisoned", "probe", "metrics.json")))), None)
+        r, line = method_rows(method, runs_of(root, method))
+        rows += r
+        lines += [line] if line else []
+    m = next((b for method in METHODS for _, _, b, _ in finished(runs_of(root, method))), None)
     if m:
         rows.append(f"\nOurs: demo data, {m['num_classes']} classes, FP out of {m['n_patched_nontarget']} non-target "
-                    f"val images; paper: ImageNet-100, FP out of 4,950. {hardware()}.")
+                    f"val images; paper: ImageNet-100, FP out of 4,950, mean of 10 runs. {hardware()}.\n")
+        rows += [f"- {line}" for line in lines]
     return "\n".join(rows)
 
 
+def details_table(root, runs=None):
+    """Every run of every method: its target, trigger seed and cells."""
+    runs = runs or {method: runs_of(root, method) for method in METHODS}
+    rows = ["| method | run | target | trigger seed | clean model: clean Acc / FP | clean model: patched Acc / FP | "
+            "backdoored: clean Acc / FP | backdoored: patched Acc / FP | backdoored ASR % | patched FP, backdoored - clean "
+            "| effect shown | patched -> target centroid %, clean / backdoored |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, folders in runs.items():
+        for r, c, b, fs in finished(folders):
+            name = os.path.basename(r) if run_number(r) is None else run_number(r)
+            seed = trigger_seed(r)
+            rows.append(f"| {method} | {name} | {b['target']} '{b['target_name']}' | {'-' if seed is None else seed} | " +
+                        " | ".join(pair_cells(c, b, fs)[:6]) + f" | {'yes' if shown(c, b) else 'no'} | "
+                        f"{pair_cells(c, b, fs)[6]} |")
+    return "\n".join(rows)
+
+
+def each_run(root):
+    """ROOT/run<r> folders if there are any (RUNS=N), else ROOT itself (one run)."""
+    return numbered_runs(root) or [root]
+
+
 def defense_table(root):
-    rows = ["| model | clean Acc | clean FP | patched Acc | patched FP | ASR % | train time |", "|---|---|---|---|---|---|---|"]
-    for name in ["teacher"] + [os.path.basename(d)[8:-3] for d in sorted(glob.glob(os.path.join(root, "student_*pct")),
-                                                                          key=lambda d: -float(d.split("_")[-1][:-3]))]:
-        folder = os.path.join(root, "teacher" if name == "teacher" else f"student_{name}pct")
-        m = load(os.path.join(folder, "probe", "metrics.json"))
+    runs = each_run(root)
+    names = sorted({os.path.basename(d)[8:-3] for r in runs for d in glob.glob(os.path.join(r, "student_*pct"))},
+                   key=lambda p: -float(p))
+    rows = ["| model | clean Acc | clean FP | patched Acc | patched FP | ASR % | train time | runs |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in ["teacher"] + names:
+        folders = [os.path.join(r, "teacher" if name == "teacher" else f"student_{name}pct") for r in runs]
+        done = [(f, m) for f in folders for m in [load(os.path.join(f, "probe", "metrics.json"))] if m]
         p = PAPER_DEFENSE.get(name)
         label = "poisoned MoCo v2 teacher" if name == "teacher" else f"CompReSS student, {name}% clean data"
         if p:
-            rows.append(f"| {label} (paper) | {p[0]} | {p[1]} | {p[2]} | {p[3]} | {100 * p[3] / 4950:.1f} | |")
-        if m:
-            if name == "teacher" and m.get("method"):  # ours may be another method's model (reproduce.sh: DEFENSE_TEACHER)
-                label = f"poisoned {METHOD_NAMES.get(m['method'], m['method'])} teacher"
-            t = train_log(folder)
-            rows.append(f"| {label} (ours) | {m['acc_clean']:.1f} | {m['fp_clean']} | {m['acc_patched']:.1f} | "
-                        f"{m['fp_patched']} | {m['asr']:.1f} | {minutes(t[1]) if t else '-'} |")
+            rows.append(f"| {label} (paper) | {p[0]} | {p[1]} | {p[2]} | {p[3]} | {100 * p[3] / 4950:.1f} | | 10 |")
+        if done:
+            ms = [m for _, m in done]
+            if name == "teacher" and ms[0].get("method"):  # ours may be another method's model (reproduce.sh: DEFENSE_TEACHER)
+                label = f"poisoned {METHOD_NAMES.get(ms[0]['method'], ms[0]['method'])} teacher"
+            sec = [t[1] for f, _ in done for t in [train_log(f)] if t]
+            rows.append(f"| {label} (ours) | " + " | ".join(cell([m[k] for m in ms]) for k in
+                                                           ("acc_clean", "fp_clean", "acc_patched", "fp_patched", "asr")) +
+                        f" | {minutes(statistics.mean(sec)) if sec else '-'} | {len(ms)} |")
     return "\n".join(rows)
 
 
 def badencoder_table(root):
     rows = ["| encoder | clean Acc (CA / BA) | ASR % (all triggered images) | ASR % (non-target images) | target FP "
-            "clean / patched | train time |", "|---|---|---|---|---|---|"]
+            "clean / patched | train time | runs |", "|---|---|---|---|---|---|---|"]
     for kind, label in (("clean", "clean encoder (CA, ASR-B)"), ("backdoored", "BadEncoder (BA, ASR)")):
-        m = load(os.path.join(root, kind, "probe", "metrics.json"))
-        t = train_log(os.path.join(root, kind))
-        if m:
-            rows.append(f"| {label} | {m['acc_clean']:.1f} | {m['asr_all']:.1f} | {m['asr']:.1f} | {m['fp_clean']} / "
-                        f"{m['fp_patched']} | {minutes(t[1]) if t else '-'} |")
+        folders = [os.path.join(r, kind) for r in each_run(root)]
+        ms = [m for f in folders for m in [load(os.path.join(f, "probe", "metrics.json"))] if m]
+        sec = [t[1] for f in folders for t in [train_log(f)] if t]
+        if ms:
+            rows.append(f"| {label} | " + " | ".join(cell([m[k] for m in ms]) for k in ("acc_clean", "asr_all", "asr")) +
+                        f" | {cell([m['fp_clean'] for m in ms])} / {cell([m['fp_patched'] for m in ms])} | "
+                        f"{minutes(statistics.mean(sec)) if sec else '-'} | {len(ms)} |")
     return "\n".join(rows)
 
 
@@ -183,6 +305,7 @@ def readme(path, root):
     """Replace the text between '<!-- BEGIN <name> -->' and '<!-- END <name> -->' with freshly generated tables."""
     text = open(path).read()
     makers = {"main": lambda: main_table(os.path.join(root, "main")),
+              "details": lambda: details_table(os.path.join(root, "main")),
               "defense": lambda: defense_table(os.path.join(root, "defense")),
               "badencoder": lambda: badencoder_table(os.path.join(root, "badencoder"))}
     for name, make in makers.items():
@@ -193,14 +316,10 @@ def readme(path, root):
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
-    if cmd == "pair" and len(rest) == 1:
-        print(pair(rest[0]))
-    elif cmd == "main" and len(rest) == 1:
-        print(main_table(rest[0]))
-    elif cmd == "defense" and len(rest) == 1:
-        print(defense_table(rest[0]))
-    elif cmd == "badencoder" and len(rest) == 1:
-        print(badencoder_table(rest[0]))
+    commands = {"pair": pair, "runs": runs_table, "main": main_table, "details": details_table, "defense": defense_table,
+                "badencoder": badencoder_table}
+    if cmd in commands and len(rest) == 1:
+        print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:
         readme(*rest)
     else:

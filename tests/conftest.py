@@ -33,7 +33,8 @@ def run(script, *args, env=None, check=True):
 def error_of(proc):
     """The one-line error a script printed on a bad input (and that it printed exactly one line to stderr)."""
     assert proc.returncode != 0, proc.stdout
-    lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln]
+    lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines()
+             if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]  # tqdm lines, fast or slow
     assert len(lines) == 1, "expected one error line, got:\n" + proc.stderr[-3000:]
     return lines[0]
 

@@ -68,8 +68,9 @@ def test_tables_from_known_metrics(tmp_path):
     main = tables.main_table(tmp_path / "main")
     assert "| moco | paper | 49.9 / 23.0 | 47.0 / 22.8 | 50.1 / 27.6 | 42.5 / 461.1 | 9.3 |" in main
     # two seeds: mean ± sample standard deviation (FP 70 and 140 -> 105.0 ± 49.5; ASR 20 and 40 -> 30.0 ± 14.1)
+    # FP difference 58 and 128 -> 93.0 ± 49.5; both runs show the effect; each run has its own clean model here (x2)
     assert ("| moco | ours | 60.0 ± 0.0 / 10.0 ± 0.0 | 55.0 ± 0.0 / 12.0 ± 0.0 | 58.0 ± 0.0 / 11.0 ± 0.0 | "
-            "40.0 ± 0.0 / 105.0 ± 49.5 | 30.0 ± 14.1 | 2 | 2 | 32 | 2.0 min |") in main  # time: both models of one run
+            "40.0 ± 0.0 / 105.0 ± 49.5 | 30.0 ± 14.1 | 93.0 ± 49.5 | 2 of 2 | - | 2 | 2 | 32 | 1.0 min (x2), 1.0 min |") in main
     assert "| byol | ours | (not run) |" in main
     write_run(tmp_path / "defense" / "teacher", 58.0, 11, 40.0, 70, method="byol")
     write_run(tmp_path / "defense" / "student_5pct", 30.0, 9, 28.0, 15)

@@ -1,8 +1,14 @@
 """poison.py: trigger placement, poison counts and semantics, list formats, seeding, relocation, bad input."""
 import filecmp
+import glob
 import json
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +16,7 @@ from PIL import Image
 
 import linear_probe
 import poison
-from conftest import TINY, error_of, run
+from conftest import ROOT, TINY, error_of, run
 
 
 def lines(path):
@@ -101,6 +107,23 @@ def test_same_seed_identical_other_seed_differs(tmp_path, demo):
     poison.main(["--out", str(tmp_path / "other"), "--target", "1", "--rate", "0.5", "--seed", "1", *TINY])
     differs = [not filecmp.cmp(demo / p, tmp_path / "other" / p, shallow=False) for p, _ in lines(demo / "val_patched.txt")]
     assert any(differs)
+    assert lines(demo / "train_poisoned.txt") != lines(tmp_path / "other" / "train_poisoned.txt")
+
+
+def test_data_seed_apart_from_poison_seed(tmp_path, demo):
+    """Issue 15: another --seed poisons other images of the same data; the demo images, val and labeled subsets stay."""
+    poison.main(["--out", str(tmp_path / "s3"), "--target", "1", "--rate", "0.5", "--seed", "3", *TINY])
+    other = tmp_path / "s3"
+    for name in ("train_clean.txt", "val_clean.txt", "train_labeled_25pct.txt", "train_labeled_50pct.txt"):
+        assert filecmp.cmp(demo / name, other / name, shallow=False), name
+    for p, _ in lines(demo / "train_clean.txt") + lines(demo / "val_clean.txt"):
+        assert filecmp.cmp(demo / p, other / p, shallow=False), p
+    assert lines(demo / "train_poisoned.txt") != lines(other / "train_poisoned.txt")
+    meta = json.loads((other / "poison.json").read_text())
+    assert meta["seed"] == 3 and meta["data_seed"] == 0
+    poison.main(["--out", str(tmp_path / "d1"), "--target", "1", "--rate", "0.5", "--data-seed", "1", *TINY])
+    first = lines(demo / "val_clean.txt")[0][0]
+    assert not filecmp.cmp(demo / first, tmp_path / "d1" / first, shallow=False)  # another data seed, other images
 
 
 def test_demo_classes_by_name_give_the_same_images(tmp_path, demo):
@@ -185,3 +208,136 @@ def test_overwrite_replaces_only_when_complete(tmp_path):
                check=False)
     assert "0.JPEG" in error_of(proc)
     assert (out / "poison.json").exists() and json.load(open(out / "poison.json"))["demo"]  # the old folder survived
+
+
+def test_blend_is_exact_and_seeded(tmp_path):
+    x = np.random.default_rng(1).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    t = np.random.default_rng(2).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    assert np.array_equal(poison.blend(x, t, 0.3), np.round(0.7 * x.astype(float) + 0.3 * t).astype(np.uint8))
+    out = tmp_path / "b"
+    poison.main(["--out", str(out), "--trigger", "blend", "--opacity", "0.3", *TINY])
+    meta = json.loads((out / "poison.json").read_text())
+    assert meta["trigger"]["family"] == "blend" and meta["trigger"]["opacity"] == 0.3
+    t = pixels(out / "trigger.png")
+    assert t.shape == (16, 16, 3) and t.std() > 50  # the uniform-noise pattern at the val-crop size
+    for c, p in zip(lines(out / "val_clean.txt"), lines(out / "val_patched.txt")):  # crop = pattern size: no resize
+        crop = np.asarray(poison.center_crop(Image.open(out / c[0]).convert("RGB"), 18, 16)).astype(float)
+        assert np.array_equal(pixels(out / p[0]), np.round(0.7 * crop + 0.3 * t))
+    t32 = np.asarray(Image.fromarray(t.astype(np.uint8)).resize((32, 32), Image.BILINEAR)).astype(float)
+    changed = [(c, p) for c, p in zip(lines(out / "train_clean.txt"), lines(out / "train_poisoned.txt")) if c != p]
+    for c, p in changed:  # train images at native resolution: the pattern resized to them
+        assert np.array_equal(pixels(out / p[0]), np.round(0.7 * pixels(out / c[0]) + 0.3 * t32))
+    poison.main(["--out", str(tmp_path / "again"), "--trigger", "blend", "--opacity", "0.3", *TINY])
+    for p, _ in changed:
+        assert filecmp.cmp(out / p[0], tmp_path / "again" / p[0], shallow=False)
+    assert filecmp.cmp(out / "trigger.png", tmp_path / "again" / "trigger.png", shallow=False)
+
+
+def test_blend_defaults_and_image(tmp_path):
+    Image.fromarray(np.full((5, 7, 3), 200, np.uint8)).save(tmp_path / "flat.png")
+    poison.main(["--out", str(tmp_path / "i"), "--trigger", "blend", "--blend-image", str(tmp_path / "flat.png"), *TINY])
+    meta = json.loads((tmp_path / "i" / "poison.json").read_text())
+    assert meta["trigger"]["opacity"] == 0.2 and meta["trigger"]["pattern_size"] == [7, 5]  # default opacity of blend
+    c, p = lines(tmp_path / "i" / "val_clean.txt")[0], lines(tmp_path / "i" / "val_patched.txt")[0]
+    crop = np.asarray(poison.center_crop(Image.open(tmp_path / "i" / c[0]).convert("RGB"), 18, 16)).astype(float)
+    assert np.array_equal(pixels(tmp_path / "i" / p[0]), np.round(0.8 * crop + 0.2 * 200))
+    for argv, msg in ((["--trigger", "ctrl", "--opacity", "0.5"], "--opacity does not apply"),
+                      (["--blend-image", str(tmp_path / "flat.png")], "--blend-image needs --trigger blend"),
+                      (["--trigger", "ctrl"], "at least 32 px"),  # TINY's val crop is 16
+                      (["--trigger", "blend", "--blend-image", str(tmp_path / "nope.png")], "nope.png")):
+        with pytest.raises(SystemExit) as e:
+            poison.main(["--out", str(tmp_path / "bad"), *TINY, *argv])
+        assert msg in str(e.value)
+    assert not any(n.startswith("bad") for n in os.listdir(tmp_path))
+
+
+def yuv_dct(a):
+    return poison.window_dct(np.asarray(a, np.float64) @ poison.RGB2YUV.T)
+
+
+def test_dct_matrix_is_the_orthonormal_dct():
+    d = poison.dct_matrix(32)
+    assert np.allclose(d @ d.T, np.eye(32), atol=1e-12)
+    x = np.random.default_rng(0).normal(size=(32, 32))
+    n, (k, m) = np.arange(32), (5, 17)  # the DCT-II sum written out for one coefficient
+    direct = np.sqrt(2 / 32) ** 2 * (x * np.cos(np.pi * (2 * n[:, None] + 1) * k / 64) *
+                                     np.cos(np.pi * (2 * n[None, :] + 1) * m / 64)).sum()
+    assert np.isclose(poison.window_dct(x[..., None])[k, m, 0], direct)
+
+
+def test_ctrl_changes_exactly_the_named_coefficients():
+    x = np.random.default_rng(3).integers(100, 157, (64, 80, 3)).astype(np.uint8)  # mid-gray: no clamping
+    expected = np.zeros((64, 64, 3))
+    for i, j in ((15, 15), (31, 31)):
+        expected[i::32, j::32, 1:] = 100.0  # every window, U and V only
+    f = poison.ctrl(x, 100)
+    assert 0 < f.min() and f.max() < 255
+    assert np.allclose(yuv_dct(f) - yuv_dct(x), expected, atol=1e-9)  # in float: exact, Y untouched
+    assert np.array_equal(f[:, 64:], x[:, 64:])  # the 16 px border strip (80 = 2 * 32 + 16) stays unchanged
+    out = poison.apply_trigger(x, {"family": "ctrl", "magnitude": 100}, None, None, None)
+    assert out.dtype == np.uint8 and np.array_equal(out, np.round(f).astype(np.uint8))
+    err = yuv_dct(out) - yuv_dct(x) - expected  # after uint8 rounding: rounding noise (RMS ~0.2 per coefficient)
+    assert np.abs(err).max() < 3 and np.sqrt((err ** 2).mean(axis=(0, 1))).max() < 0.4
+    with pytest.raises(ValueError, match="smaller than CTRL"):
+        poison.ctrl(x[:20], 100)
+
+
+def test_ctrl_run_native_val_and_seeded(tmp_path):
+    args = [*TINY, "--trigger", "ctrl", "--val-crop", "32"]  # demo images of 32 px = the crop: val used natively
+    poison.main(["--out", str(tmp_path / "c"), *args])
+    out = tmp_path / "c"
+    meta = json.loads((out / "poison.json").read_text())
+    assert meta["val_geometry"] == "native" and meta["val_resize"] is None and meta["val_crop"] == 32
+    assert meta["trigger"]["magnitude"] == 100 and meta["trigger"]["positions"] == [[15, 15], [31, 31]]
+    spec = {"family": "ctrl", "magnitude": 100}
+    for c, p in zip(lines(out / "val_clean.txt"), lines(out / "val_patched.txt")):
+        clean = np.asarray(Image.open(out / c[0]).convert("RGB"))
+        assert np.array_equal(pixels(out / p[0]), poison.apply_trigger(clean, spec, None, None, None))
+    trig = pixels(out / "trigger.png")
+    assert trig.shape == (32, 32, 3) and trig.max() == 255 and trig.std() > 10  # amplified difference on gray
+    assert Image.open(out / "preview.png").size == (768, 288)  # poisoned, patched, amplified differences
+    poison.main(["--out", str(tmp_path / "again"), *args])
+    for name in ("train_poisoned.txt", "trigger.png", "preview.png"):
+        assert filecmp.cmp(out / name, tmp_path / "again" / name, shallow=False), name
+    for p, _ in lines(out / "train_poisoned.txt") + lines(out / "val_patched.txt"):
+        assert filecmp.cmp(out / p, tmp_path / "again" / p, shallow=False), p
+
+
+def test_val_geometry_recorded_and_small_trigger_warning(tmp_path, demo, capsys):
+    meta = json.loads((demo / "poison.json").read_text())
+    assert meta["val_geometry"] == "resize_center_crop" and meta["val_resize"] == 18  # 32 px images, 16 px crop
+    root = make_jpeg_root(tmp_path / "data", size=(80, 60))  # shorter side 60 > 3 * 16: a 4 px trigger is lost there
+    capsys.readouterr()
+    poison.main(["--data-root", str(root), "--out", str(tmp_path / "o"), "--target", "b", "--val-crop", "16",
+                 "--workers", "1"])
+    err = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "warning" in ln]
+    assert len(err) == 1 and "4 px trigger" in err[0] and "60 px" in err[0]
+    assert json.loads((tmp_path / "o" / "poison.json").read_text())["train_median_shorter_side"] == 60
+
+
+def test_stale_tmp_of_a_killed_run_is_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f"o.tmp-{host}-{int(dead.stdout)}-abc12345"
+    live = tmp_path / f"o.tmp-{host}-{os.getpid()}-xyz"  # a run still going (this process): left alone
+    for d in (stale, live):
+        (d / "train_poisoned").mkdir(parents=True)
+    poison.main(["--out", str(tmp_path / "o"), *TINY])
+    assert not stale.exists() and live.exists()
+    assert json.loads((tmp_path / "o" / "poison.json").read_text())["counts"]["train"] == 48
+    assert sorted(os.listdir(tmp_path)) == ["o", live.name]
+
+
+def test_sigkill_mid_run_leaves_no_output_and_rerun_needs_no_overwrite(tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, os.path.join(ROOT, "poison.py"), "--out", str(out), "--workers", "1",
+           "--demo-train-per-class", "400"]  # long enough to be killed while it writes
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while not glob.glob(str(out) + ".tmp-*/demo_data/train/*/*.png") and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker processes
+    proc.wait()
+    assert not out.exists() and glob.glob(str(out) + ".tmp-*")
+    poison.main(["--out", str(out), *TINY])  # no --overwrite needed; the killed run's folder is cleaned up
+    assert (out / "poison.json").exists() and not glob.glob(str(out) + ".tmp-*")

@@ -1,0 +1,57 @@
+"""scripts/feature_space.py: t-SNE on separated blobs, the centroid fraction by hand, the PNG and JSON it writes."""
+import importlib.util
+import json
+import os
+
+import torch
+from PIL import Image
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("feature_space", os.path.join(ROOT, "scripts", "feature_space.py"))
+fs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fs)
+
+
+def test_tsne_separates_two_gaussian_blobs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 10, generator=g), torch.randn(40, 10, generator=g) + 8])
+    y = torch.arange(2).repeat_interleave(40)
+    e = fs.tsne(x, perplexity=10)
+    assert e.shape == (80, 2) and torch.isfinite(e).all()
+    d = torch.cdist(e, e)
+    d.fill_diagonal_(float("inf"))
+    assert (y[d.argmin(1)] == y).float().mean() >= 0.95  # 1-NN purity of the embedding
+    assert (e[:40].mean(0) - e[40:].mean(0)).norm() > 2 * (e[:40].std(0).norm() + e[40:].std(0).norm())
+
+
+def test_centroid_fraction_is_the_hand_count():
+    # 3 classes with centroids (0, 0), (10, 0), (0, 10); target 2
+    train = torch.tensor([[-1.0, 0], [1, 0], [9, 0], [11, 0], [0, 9], [0, 11]])
+    train_y = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.tensor([[0.0, 9], [1, 1], [9, 1], [1, 7], [0, 10], [9, 9.5]])  # nearest: 2, 0, 1, 2, 2, 2
+    y = torch.tensor([0, 1, 0, 1, 2, 0])  # the 5th is a target image: left out
+    assert fs.centroid_fraction(train, train_y, x, y, target=2) == 100 * 3 / 5
+    assert fs.centroid_fraction(train, train_y, x, y, target=0) == 100 * 1 / 3  # images 2, 4, 5: nearest 0, 2, 2
+
+
+def test_picture_and_numbers_of_a_run(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    names, target = ["checkerboard", "crosses", "dots"], 1
+    proto = 5 * torch.eye(3, 8)
+    for kind, shift in (("clean", 0), ("poisoned", 1)):  # the backdoored model maps patched images onto the target
+        def feats(labels, patched=False):
+            centre = proto[torch.full_like(labels, target)] if patched and shift else proto[labels]
+            return centre + 0.3 * torch.randn(len(labels), 8, generator=g)
+        train_y, val_y = torch.arange(3).repeat(8), torch.arange(3).repeat(10)
+        os.makedirs(tmp_path / kind / "probe")
+        torch.save({"train": feats(train_y), "train_y": train_y, "val": feats(val_y), "val_y": val_y,
+                    "patched": feats(val_y, patched=True), "patched_y": val_y, "target": target, "class_names": names},
+                   tmp_path / kind / "probe" / "features.pt")
+    fs.main([str(tmp_path), "--size", "160", "--iters", "300", "--perplexity", "10"])
+    result = json.load(open(tmp_path / "feature_space.json"))
+    assert result["clean"]["patched_to_target_centroid"] == 0.0
+    assert result["backdoored"]["patched_to_target_centroid"] == 100.0
+    assert result["clean"]["n_patched_nontarget"] == 20 and result["target_name"] == "crosses"
+    # two 160 px panels side by side; legend: 4 entries (target, 2 classes, patched), 2 per 320 px row -> 2 x 18 + 6
+    assert Image.open(tmp_path / "feature_space.png").size == (320, 160 + 42)

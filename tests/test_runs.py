@@ -1,0 +1,125 @@
+"""The paper's protocol of runs: run r's target and trigger (scripts/runs.py), the tables over runs (mean ± std, "k of
+N", per-run details), and RUNS=N of scripts/quickstart.sh end to end on tiny data (one clean model, runs added later)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def module(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+runs, tables = module("runs"), module("tables")
+
+
+def test_target_and_trigger_of_a_run_depend_on_r_alone(tmp_path):
+    assert [runs.trigger_seed(r) for r in range(3)] == [10, 11, 12]
+    for c in (3, 8, 100):
+        first = [runs.target(r, c) for r in range(c)]
+        assert sorted(first) == list(range(c))  # runs 0..C-1: every class once, so two runs never share a target
+        assert first != list(range(c)) and first == [runs.target(r, c) for r in range(c)]
+        assert [runs.target(r, c) for r in range(c, 2 * c)] != first  # the next block: another order
+    meta = tmp_path / "poison.json"
+    meta.write_text(json.dumps({"classes": [f"c{i}" for i in range(8)]}))
+    names = [subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "runs.py"), "target", str(r), str(meta)],
+                            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": str(r)}
+                            ).stdout.strip() for r in (0, 1, 0)]
+    assert names[0] == names[2] == f"c{runs.target(0, 8)}" and names[1] == f"c{runs.target(1, 8)}" != names[0]
+
+
+def metrics(acc_clean, fp_clean, acc_patched, fp_patched, target=2, method="moco"):
+    return {"acc_clean": acc_clean, "fp_clean": fp_clean, "acc_patched": acc_patched, "fp_patched": fp_patched,
+            "asr": 100 * fp_patched / 350, "asr_all": 100 * (fp_patched + 50) / 400, "target": target,
+            "target_name": f"class{target}", "num_classes": 8, "n_patched_nontarget": 350, "method": method}
+
+
+def write(folder, name, obj):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(json.dumps(obj) if not isinstance(obj, str) else obj)
+
+
+def log(seconds):
+    return "".join(json.dumps(r) + "\n" for r in [{"args": {"image_size": 32}}, {"epoch": 1, "seconds": seconds,
+                                                                                   "images_per_s": 100.0}])
+
+
+def test_tables_over_runs(tmp_path):
+    """Three MoCo runs sharing one clean model: patched FP clean 10, 0, 20 and backdoored 60, 10, 50."""
+    method = tmp_path / "main" / "moco"
+    write(method / "clean", "log.jsonl", log(120.0))
+    for r, (cfp, bfp, target) in enumerate(((10, 60, 2), (0, 10, 5), (20, 50, 1))):
+        run = method / f"run{r}"
+        os.makedirs(run / "clean")
+        os.symlink(method / "clean" / "log.jsonl", run / "clean" / "log.jsonl")
+        write(run / "clean" / "probe", "metrics.json", metrics(60.0 + r, 5, 50.0, cfp, target))
+        write(run / "poisoned" / "probe", "metrics.json", metrics(62.0, 6, 40.0 + r, bfp, target))
+        write(run / "poisoned", "log.jsonl", log(60.0 * (r + 1)))
+        write(run / "data", "poison.json", {"trigger": {"kind": "htba", "seed": 10 + r}})
+        write(run, "feature_space.json", {"clean": {"patched_to_target_centroid": 2.0 * r},
+                                          "backdoored": {"patched_to_target_centroid": 40.0 + 10 * r}})
+    main = tables.main_table(tmp_path / "main")
+    # shown: run 0 (6x, +14.3%) and run 2 (2.5x: no) and run 1 (10x, +2.9%: no) -> 1 of 3; FP difference 50, 10, 30
+    assert ("| moco | ours | 61.0 ± 1.0 / 5.0 ± 0.0 | 50.0 ± 0.0 / 10.0 ± 10.0 | 62.0 ± 0.0 / 6.0 ± 0.0 | "
+            "41.0 ± 1.0 / 40.0 ± 26.5 | 11.4 ± 7.6 | 30.0 ± 20.0 | 1 of 3 | 2.0 ± 2.0 / 50.0 ± 10.0 | 3 | 1 | 32 | "
+            "2.0 min, 2.0 min |") in main
+    assert "| moco | paper | 49.9 / 23.0 | 47.0 / 22.8 | 50.1 / 27.6 | 42.5 / 461.1 | 9.3 | 438.3 |" in main
+    assert "MoCo v2: backdoor effect shown in 1 of 3 runs" in main and "backdoored minus clean: 30.0 ± 20.0 of 350" in main
+    details = tables.details_table(tmp_path / "main")
+    assert "| moco | 0 | 2 'class2' | 10 | 60.0 / 5 | 50.0 / 10 | 62.0 / 6 | 40.0 / 60 | 17.1 | 50 | yes | 0.0 / 40.0 |" in details
+    assert "| moco | 1 | 5 'class5' | 11 | 61.0 / 5 | 50.0 / 0 | 62.0 / 6 | 41.0 / 10 | 2.9 | 10 | no | 2.0 / 50.0 |" in details
+    summary = tables.runs_table(method)
+    assert "| moco | ours | 61.0 ± 1.0" in summary and "| moco | 2 | 1 'class1' | 12 |" in summary
+
+    for r, fp in enumerate((70, 10)):  # defense and BadEncoder per run
+        write(tmp_path / "defense" / f"run{r}" / "teacher" / "probe", "metrics.json", metrics(58.0, 11, 40.0, fp, method="byol"))
+        write(tmp_path / "defense" / f"run{r}" / "student_5pct" / "probe", "metrics.json", metrics(30.0 + r, 9, 28.0, 5 * r))
+        for kind, asr in (("clean", 0), ("backdoored", 100.0 - 50 * r)):
+            write(tmp_path / "badencoder" / f"run{r}" / kind / "probe", "metrics.json",
+                  {**metrics(68.0, 3, 50.0, int(3.5 * asr)), "asr_all": asr, "asr": asr})
+    defense = tables.defense_table(tmp_path / "defense")
+    assert "| poisoned BYOL teacher (ours) | 58.0 ± 0.0 | 11.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 42.4 | 11.4 ± 12.1 | - | 2 |" in defense
+    assert "| CompReSS student, 5% clean data (ours) | 30.5 ± 0.7 | 9.0 ± 0.0 | 28.0 ± 0.0 | 2.5 ± 3.5 |" in defense
+    badencoder = tables.badencoder_table(tmp_path / "badencoder")
+    assert "| BadEncoder (BA, ASR) | 68.0 ± 0.0 | 75.0 ± 35.4 | 75.0 ± 35.4 | 3.0 ± 0.0 / 262.5 ± 123.7 | - | 2 |" in badencoder
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- BEGIN details -->\nold\n<!-- END details -->\nb\n")
+    tables.readme(str(readme), str(tmp_path))
+    assert "old" not in readme.read_text() and "| moco | 2 | 1 'class1' | 12 |" in readme.read_text()
+
+
+def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2",
+           "POISON_EXTRA": "--demo-classes 3 --demo-train-per-class 16 --demo-val-per-class 4 --demo-size 32 "
+                           "--val-crop 16 --trigger-size 4 --workers 1",
+           "EXTRA": "--image-size 16 --epochs 1 --batch-size 16 --queue-size 32"}
+    out = tmp_path / "q"
+    cmd = ["bash", os.path.join(ROOT, "scripts", "quickstart.sh"), "moco", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "1"}, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    clean_mtime = os.path.getmtime(out / "clean" / "checkpoint.pt")
+    second = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "2"}, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("epoch 1/1") == 1  # only run 1's backdoored model is trained
+    assert os.path.getmtime(out / "clean" / "checkpoint.pt") == clean_mtime
+    metas = [json.load(open(out / "data" / f"run{r}" / "poison.json")) for r in (0, 1)]
+    assert [m["target"]["index"] for m in metas] == [runs.target(0, 3), runs.target(1, 3)]
+    assert [m["trigger"]["seed"] for m in metas] == [10, 11] and [m["seed"] for m in metas] == [0, 1]
+    clean_lists = [open(out / "data" / d / "train_clean.txt").read() for d in ("clean", "run0", "run1")]
+    assert clean_lists[0] == clean_lists[1] == clean_lists[2]  # relative paths: the same images in every folder
+    image = clean_lists[0].split()[0]
+    assert len({open(out / "data" / d / image, "rb").read() for d in ("clean", "run0", "run1")}) == 1
+    for r in (0, 1):
+        assert os.path.realpath(out / f"run{r}" / "clean" / "checkpoint.pt") == os.path.realpath(out / "clean" / "checkpoint.pt")
+        probe = json.load(open(out / f"run{r}" / "clean" / "probe" / "metrics.json"))
+        assert probe["target"] == metas[r]["target"]["index"]  # the clean model probed against run r's target
+        assert os.path.isfile(out / f"run{r}" / "feature_space.png")
+    table = open(out / "table.md").read()
+    assert "| moco | ours |" in table and " of 2 |" in table and "shown in" in table and "| moco | 1 |" in table
