@@ -196,7 +196,7 @@ def main(argv=None):
     references = [ref_list[i][0] for i in range(len(ref_list))]
     triggers = load_triggers(args, size, len(references))
     views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity)
-    memory_format = torch.channels_last if device.type == "cuda" and src["arch"] != "vit" else torch.contiguous_format
+    memory_format = torch.channels_last if src["arch"] != "vit" else torch.contiguous_format  # README, "Throughput"
     normalised = lambda x, augment=None, params=None: to_device(x, device, memory_format, src["mean"], src["std"],
                                                                 augment, params)
     ref = normalised(torch.stack([views.uint8(r) for r in references]))

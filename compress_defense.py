@@ -146,7 +146,7 @@ def main(argv=None):
     K = min(args.bank_size, len(samples))  # a bank larger than the data holds stale copies of the same images
     arch_kwargs = {"small_stem": args.small_stem}
     model = CompReSS(teacher, tckpt["feature_dim"], args.arch, arch_kwargs, args.variant, K, args.alpha, args.tau).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
     model = model.to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]  # the student (and fc in 1q) only
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)

@@ -163,7 +163,7 @@ def main(argv=None):
     perms = ckpt["perms"] if ckpt else hamming_permutations(args.num_perms, args.seed)
     arch_kwargs = {"small_stem": args.small_stem}
     model = Jigsaw(args.arch, arch_kwargs, args.num_perms).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
     start = 0

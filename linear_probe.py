@@ -104,129 +104,6 @@ def resolve_protocol(args, n_train=None):
     return args
 
 
-# shared: file lists (same in every script)
-class InputError(Exception):
-    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
-
-
-def error_line(e):
-    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
-
-
-def read_list(path):
-    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file list")
-    folder, samples = os.path.dirname(os.path.abspath(path)), []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.strip().rsplit(None, 1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
-            image, label = os.path.join(folder, parts[0]), int(parts[1])
-            if label < 0:
-                raise InputError(f"{path}:{n}: negative label {label}")
-            if not os.path.isfile(image):
-                raise InputError(f"{path}:{n}: image not found: {image}")
-            samples.append((image, label))
-    if not samples:
-        raise InputError(f"{path}: the list is empty")
-    return samples
-
-
-class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
-    any number of workers and exactly repeated after --resume."""
-
-    def __init__(self, samples, transform, seed=0):
-        self.samples, self.transform, self.seed = samples, transform, seed
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, key):
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read image ({e})") from None
-        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
-        with torch.random.fork_rng(devices=[]):
-            state = random.getstate()
-            torch.manual_seed(seed)
-            random.seed(seed)
-            x = self.transform(image)
-            random.setstate(state)
-        return x, label, i
-# end shared
-
-
-# shared: encoder builder (same in every script)
-def build_backbone(arch, arch_kwargs):
-    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
-    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
-    if arch == "vit":
-        model = torchvision.models.VisionTransformer(**arch_kwargs)
-        model.heads = nn.Identity()
-        return model, arch_kwargs["hidden_dim"]
-    kwargs = dict(arch_kwargs)
-    small_stem = kwargs.pop("small_stem", False)
-    try:
-        model = torchvision.models.get_model(arch, weights=None, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
-    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
-        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
-    if small_stem:
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-    dim = model.fc.in_features
-    model.fc = nn.Identity()
-    return model, dim
-# end shared
-
-
-# shared: checkpoint io (same in every script)
-CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
-
-
-def save_checkpoint(path, checkpoint):
-    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
-    if missing:
-        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
-    return checkpoint
-
-
-def load_encoder(path):
-    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
-    checkpoint = load_checkpoint(path)
-    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
-    try:
-        model.load_state_dict(checkpoint["encoder"], strict=True)
-    except RuntimeError as e:
-        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
-                         f"{' '.join(str(e).split())[:300]}") from None
-    return model.requires_grad_(False).eval(), checkpoint
-# end shared
-
-
 def features(model, x, layer, flat=True):
     """Pooled final feature, or a ResNet tap average-pooled to a small grid (the reference's conv-linear probes)."""
     if layer == "final":
@@ -511,6 +388,129 @@ def main(argv=None):
           f"  patched val : Acc {m['acc_patched']:6.2f}  target TP {m['tp_patched']:4d}  FP {m['fp_patched']:4d}"
           f"  ASR {m['asr']:.2f}% (all images: {m['asr_all']:.2f}%)\n"
           f"  features {t_extract:.1f}s, classifier {t_train:.1f}s -> {os.path.join(args.out, 'metrics.json')}")
+
+
+# shared: file lists (same in every script)
+class InputError(Exception):
+    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+
+
+def error_line(e):
+    return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
+
+
+def read_list(path):
+    """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file list")
+    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise InputError(f"{path}:{n}: expected '<image path> <integer label>', got {line.strip()!r}")
+            image, label = os.path.join(folder, parts[0]), int(parts[1])
+            if label < 0:
+                raise InputError(f"{path}:{n}: negative label {label}")
+            if not os.path.isfile(image):
+                raise InputError(f"{path}:{n}: image not found: {image}")
+            samples.append((image, label))
+    if not samples:
+        raise InputError(f"{path}: the list is empty")
+    return samples
+
+
+class FileList(torch.utils.data.Dataset):
+    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
+    any number of workers and exactly repeated after --resume."""
+
+    def __init__(self, samples, transform, seed=0):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        path, label = self.samples[i]
+        try:
+            with open(path, "rb") as f:
+                image = Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{path}: cannot read image ({e})") from None
+        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            x = self.transform(image)
+            random.setstate(state)
+        return x, label, i
+# end shared
+
+
+# shared: encoder builder (same in every script)
+def build_backbone(arch, arch_kwargs):
+    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
+    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    if arch == "vit":
+        model = torchvision.models.VisionTransformer(**arch_kwargs)
+        model.heads = nn.Identity()
+        return model, arch_kwargs["hidden_dim"]
+    kwargs = dict(arch_kwargs)
+    small_stem = kwargs.pop("small_stem", False)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
+    if not hasattr(model, "fc") or not hasattr(model, "conv1"):
+        raise InputError(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+# end shared
+
+
+# shared: checkpoint io (same in every script)
+CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
+    torch.save(checkpoint, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
+        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
+    return checkpoint
+
+
+def load_encoder(path):
+    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
+    try:
+        model.load_state_dict(checkpoint["encoder"], strict=True)
+    except RuntimeError as e:
+        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return model.requires_grad_(False).eval(), checkpoint
+# end shared
 
 
 if __name__ == "__main__":

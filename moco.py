@@ -139,7 +139,7 @@ def main(argv=None):
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
     model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0

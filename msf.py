@@ -150,7 +150,7 @@ def main(argv=None):
     K = min(args.bank_size, per_epoch)
     arch_kwargs = {"small_stem": args.small_stem}
     model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay)

@@ -88,7 +88,7 @@ def main(argv=None):
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
     model = RotNet(args.arch, arch_kwargs).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
