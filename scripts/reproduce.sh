@@ -12,7 +12,8 @@
 #                                                            grow later, and other methods be added by another call)
 #   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=in100.txt RUNS=10 bash scripts/reproduce.sh runs/paper
 # Layout: ROOT/data/clean (the lists every run shares), ROOT/data/run<r> (poison.py of run r), ROOT/main/<method>/...,
-# ROOT/defense/run<r>/{teacher,student_<p>pct}, ROOT/badencoder/run<r>/{clean,backdoored}.
+# ROOT/defense/run<r>/{teacher,student_<p>pct}, ROOT/badencoder/run<r>/{clean,backdoored}, ROOT/patchsearch/run<r>/<method>
+# (4. PatchSearch on each run's backdoored MoCo v2 and BYOL models: PATCHSEARCH_METHODS).
 # Environment: PRESET (demo|paper), RUNS (1), TARGETS ("<one target per run>", default a seeded draw per run), DATA_SEED
 # (0), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES, DEFENSE_TEACHER (byol for the demo, moco for the
 # paper), PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an
@@ -33,6 +34,7 @@ if [ "$PRESET" = demo ]; then
   PROBE_LIST=train_labeled_10pct.txt
   PROBE_FLAGS="--workers 0"
   DEFENSE_PROTOCOL=demo  # the protocol of the demo's main table
+  PATCHSEARCH_FLAGS="--clusters 16 --classifier-iters 50 --ensemble 1 --workers 0"  # about 30 s (README, "patchsearch.py")
 else
   DEFENSE_TEACHER=${DEFENSE_TEACHER:-moco}
   DEFENSE_FLAGS=""
@@ -40,6 +42,7 @@ else
   PROBE_LIST=train_labeled_1pct.txt
   PROBE_FLAGS=""
   DEFENSE_PROTOCOL=moco  # CompReSS's eval_linear.py, with its augmentation (README, "linear_probe.py")
+  PATCHSEARCH_FLAGS=""  # the paper's defaults
 fi
 probe() {  # probe CHECKPOINT OUT DATA [extra flags]
   [ -f "$2/metrics.json" ] || $PY linear_probe.py --encoder "$1" --train-list "$3/$PROBE_LIST" --val-list "$3/val_clean.txt" \
@@ -81,12 +84,21 @@ for ((r = 0; r < RUNS; r++)); do
       --seed "$r" $BADENCODER_FLAGS && touch "$B/backdoored/done"; }
     for KIND in clean backdoored; do probe "$B/$KIND/checkpoint.pt" "$B/$KIND/probe" "$DATA" --protocol badencoder --seed "$r"; done
   fi
+  for M in ${PATCHSEARCH_METHODS:-moco byol}; do
+    # 4. PatchSearch on run r's backdoored model, with no clean data: summary.json holds the flagged set's poison
+    # recall and precision (from poison.json); train_filtered.txt is the list to pre-train on again.
+    [ -f "$ROOT/main/$M/run$r/poisoned/done" ] || continue
+    P="$ROOT/patchsearch/run$r/$M"
+    [ -f "$P/summary.json" ] || $PY patchsearch.py --encoder "$ROOT/main/$M/run$r/poisoned/checkpoint.pt" \
+      --train-list "$DATA/train_poisoned.txt" --out "$P" --seed "$r" $PATCHSEARCH_FLAGS
+  done
 done
 
 $PY scripts/tables.py main "$ROOT/main"
 $PY scripts/tables.py defense "$ROOT/defense" 2>/dev/null || true
 $PY scripts/tables.py badencoder "$ROOT/badencoder" 2>/dev/null || true
 $PY scripts/tables.py details "$ROOT/main"
+$PY scripts/tables.py patchsearch "$ROOT/patchsearch" 2>/dev/null || true
 if [ "$PRESET" = demo ]; then
   $PY scripts/tables.py readme README.md "$ROOT" && echo "reproduce.sh: README.md tables updated from $ROOT"
   for M in moco byol; do  # the README's feature-space pictures: run 0 of each

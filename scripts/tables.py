@@ -7,6 +7,7 @@ Standard library only. Nothing here is typed by hand: every number is read from 
   python scripts/tables.py details ROOT        every run of ROOT/<method>/: its target, trigger seed and cells
   python scripts/tables.py defense ROOT        CompReSS defense: ROOT[/run<r>]/teacher, .../student_<p>pct
   python scripts/tables.py badencoder ROOT     BadEncoder: ROOT[/run<r>]/clean, .../backdoored
+  python scripts/tables.py patchsearch ROOT    PatchSearch: ROOT[/run<r>]/<method>/summary.json
   python scripts/tables.py readme README ROOT  rewrite README's generated sections (between BEGIN/END markers)
 A run folder RUN holds clean/ and poisoned/ (trainer outputs: checkpoint.pt, log.jsonl; clean/ may link them to the
 method's one clean model) with probe/metrics.json inside, data/poison.json, and feature_space.json if drawn. Over
@@ -297,6 +298,20 @@ def badencoder_table(root):
     return "\n".join(rows)
 
 
+def patchsearch_table(root):
+    """PatchSearch: per method, the flagged set's poison recall / precision over ROOT/run<r>/<method>/summary.json."""
+    rows = ["| poisoned model | flagged of all images | poison recall % | poison precision % | poisons among the top 100 "
+            "ranked % | runs |", "|---|---|---|---|---|---|",
+            "| MoCo v2 on ImageNet-100 (PatchSearch paper's log) | 2,879 of 126,689 | 95 | 22 | | |"]
+    for method in METHODS:
+        ss = [m for r in each_run(root) for m in [load(os.path.join(r, method, "summary.json"))] if m and "recall" in m]
+        if ss:
+            rows.append(f"| {METHOD_NAMES[method]} (ours) | {cell([m['n_flagged'] for m in ss], 0)} of "
+                        f"{ss[0]['n_train']} | {cell([m['recall'] for m in ss])} | {cell([m['precision'] for m in ss])} | "
+                        f"{cell([m['poisons_in_top_ranked_pct']['100'] for m in ss])} | {len(ss)} |")
+    return "\n".join(rows)
+
+
 def hardware():
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
@@ -307,7 +322,8 @@ def readme(path, root):
     makers = {"main": lambda: main_table(os.path.join(root, "main")),
               "details": lambda: details_table(os.path.join(root, "main")),
               "defense": lambda: defense_table(os.path.join(root, "defense")),
-              "badencoder": lambda: badencoder_table(os.path.join(root, "badencoder"))}
+              "badencoder": lambda: badencoder_table(os.path.join(root, "badencoder")),
+              "patchsearch": lambda: patchsearch_table(os.path.join(root, "patchsearch"))}
     for name, make in makers.items():
         text = re.sub(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", lambda m: m.group(1) + make() + "\n" + m.group(2),
                       text, flags=re.S)
@@ -317,7 +333,7 @@ def readme(path, root):
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
     commands = {"pair": pair, "runs": runs_table, "main": main_table, "details": details_table, "defense": defense_table,
-                "badencoder": badencoder_table}
+                "badencoder": badencoder_table, "patchsearch": patchsearch_table}
     if cmd in commands and len(rest) == 1:
         print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:

@@ -123,3 +123,14 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
         assert os.path.isfile(out / f"run{r}" / "feature_space.png")
     table = open(out / "table.md").read()
     assert "| moco | ours |" in table and " of 2 |" in table and "shown in" in table and "| moco | 1 |" in table
+
+
+def test_patchsearch_table_over_runs(tmp_path):
+    for r, (recall, precision) in enumerate(((50.0, 10.0), (70.0, 30.0))):
+        folder = tmp_path / f"run{r}" / "byol"
+        os.makedirs(folder)
+        (folder / "summary.json").write_text(json.dumps({"n_flagged": 100 + 100 * r, "n_train": 2400, "recall": recall,
+                                                         "precision": precision,
+                                                         "poisons_in_top_ranked_pct": {"100": 60.0}}))
+    row = [ln for ln in tables.patchsearch_table(str(tmp_path)).splitlines() if ln.startswith("| BYOL")]
+    assert row == ["| BYOL (ours) | 150 ± 71 of 2400 | 60.0 ± 14.1 | 20.0 ± 14.1 | 60.0 ± 0.0 | 2 |"]
