@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--m", type=float, default=0.999, help="key encoder momentum")
     p.add_argument("--tau", type=float, default=0.2, help="softmax temperature of InfoNCE")
     p.add_argument("--bn-splits", type=int, default=2, help="one process: chunks of the shuffled key batch (shuffle BN)")
+    p.add_argument("--bn-batch", type=int, default=128, help="queries: BN statistics over chunks of at most this many "
+                   "images per process (the reference's per-GPU batch: 256 on 2 GPUs)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
@@ -87,9 +89,9 @@ def info_nce(q, k, queue, tau):
 
 
 class MoCo(nn.Module):
-    def __init__(self, arch, arch_kwargs, dim, K, m, tau, bn_splits):
+    def __init__(self, arch, arch_kwargs, dim, K, m, tau, bn_splits, bn_batch=128):
         super().__init__()
-        self.K, self.m, self.tau, self.bn_splits = K, m, tau, bn_splits
+        self.K, self.m, self.tau, self.bn_splits, self.bn_batch = K, m, tau, bn_splits, bn_batch
         backbone, feat = build_backbone(arch, arch_kwargs)
         self.encoder_q = nn.Sequential(backbone, nn.Linear(feat, feat), nn.ReLU(), nn.Linear(feat, dim))  # no BN in head
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
@@ -122,7 +124,7 @@ class MoCo(nn.Module):
         return F.normalize(k, dim=1)[torch.argsort(perm)]
 
     def forward(self, im_q, im_k):
-        q = F.normalize(self.encoder_q(im_q), dim=1)
+        q = F.normalize(torch.cat([self.encoder_q(c) for c in im_q.split(self.bn_batch)]), dim=1)  # per-GPU BN
         with torch.no_grad():
             self.momentum_update()  # before the keys, as the reference
             k = self.keys(im_k)
@@ -138,7 +140,8 @@ def main(argv=None):
         raise InputError(f"--queue-size {args.queue_size} must be divisible by the global batch size {args.batch_size}")
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits).to(device)
+    model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits, args.bn_batch)
+    model = model.to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -155,6 +158,7 @@ def main(argv=None):
     geometry, color = aug_plus(args.image_size)
     loader, sampler = make_loader(FileList(samples, TwoViews(geometry, color), args.seed), args, rank, world, device)
     shuffle_bn = f"across {world} processes" if world > 1 else f"{args.bn_splits} chunks on one process (emulated)"
+    shuffle_bn += f"; query BN over chunks of at most {args.bn_batch} of the {args.batch_size // world} per process"
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "shuffle_bn": shuffle_bn,
                "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
     if rank == 0:

@@ -105,3 +105,19 @@ def test_bad_inputs(demo, tmp_path, random_ckpt):
     assert_missing_image_refused("byol.py", demo, tmp_path, *TINY)
     line = error_of(train(demo, tmp_path / "m", "--resume", random_ckpt, check=False))
     assert "random.pt: not a byol.py checkpoint with training state (method random)" in line
+
+
+def test_bn_batch_emulates_the_reference_per_gpu_batch():
+    """--bn-batch 4 on a batch of 8: BN statistics per half, as the reference's GPUs: the result equals the two halves
+    run separately, and differs from one BN batch of 8."""
+    torch.manual_seed(0)
+    model = byol.BYOL("resnet18", {"small_stem": False}, hidden=16, dim=8).train()
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    chunked = model(x1, x2, bn_batch=4)
+    model.load_state_dict(state)
+    halves = [model(x1[i:i + 4], x2[i:i + 4], bn_batch=4) for i in (0, 4)]
+    model.load_state_dict(state)
+    whole = model(x1, x2, bn_batch=8)
+    assert torch.allclose(chunked, sum(halves) / 2, atol=1e-5)  # the loss is a batch mean: halves average
+    assert not torch.allclose(chunked, whole, atol=1e-4)

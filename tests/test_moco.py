@@ -119,3 +119,16 @@ def test_bad_inputs(demo, tmp_path):
     bad = tmp_path / "bad.pt"
     torch.save({"method": "moco"}, bad)
     assert "not an encoder checkpoint" in error_of(train(demo, tmp_path / "m", "--resume", bad, check=False))
+
+
+def test_query_bn_batch_is_the_reference_per_gpu_batch():
+    torch.manual_seed(0)
+    model = moco.MoCo("resnet18", {"small_stem": False}, dim=4, K=16, m=0.99, tau=0.2, bn_splits=2, bn_batch=4).train()
+    x = torch.randn(8, 3, 16, 16)
+    captured = []
+    model.encoder_q.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    model(x, x.clone())
+    assert [len(o) for o in captured] == [4, 4]  # two BN batches of 4, as on the reference's 2 GPUs
+    with torch.no_grad():
+        alone = model.encoder_q(x[:4])
+    assert torch.allclose(alone, captured[0], atol=1e-5)  # the first 4 queries saw BN over themselves only
