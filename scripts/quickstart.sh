@@ -17,6 +17,9 @@
 #           --seed r), the backdoored model OUT/run<r>/poisoned (seed r), both models probed in OUT/run<r>/{clean,
 #           poisoned}/probe (OUT/run<r>/clean links the clean model), OUT/run<r>/feature_space.png; OUT/table.md is
 #           mean ± std over the runs and each run. DATA_DIR=<folder> (instead of OUT/data) shares the data between methods.
+#   PRETRAIN_LIST=<list> PROBE_DATA="<poison.py folder> ..."  one model OUT (seed SEED) with the preset's flags on that
+#           list (e.g. patchsearch.py's train_filtered.txt), probed against each folder's lists and target: OUT/probe for
+#           one folder, OUT/probe_<folder name> for several. No poisoning, no table.
 # Steps whose outputs exist are skipped, so an interrupted run continues (and RUNS can be raised later); delete OUT to
 # start again.
 set -euo pipefail
@@ -72,14 +75,21 @@ pretrain() {  # pretrain TRAIN_LIST OUT SEED: SSL pre-training, resumed if inter
     touch "$2/done"
   fi
 }
-probe() {  # probe MODEL DATA SEED: MODEL/checkpoint.pt on DATA's lists (target from DATA/poison.json) -> MODEL/probe
-  [ -f "$1/probe/metrics.json" ] || $PY linear_probe.py --encoder "$1/checkpoint.pt" --train-list "$2/$PROBE_LIST" \
+probe() {  # probe MODEL DATA SEED [DIR]: MODEL/checkpoint.pt on DATA's lists (target from DATA/poison.json) -> DIR
+  local dir=${4:-$1/probe}
+  [ -f "$dir/metrics.json" ] || $PY linear_probe.py --encoder "$1/checkpoint.pt" --train-list "$2/$PROBE_LIST" \
     --val-list "$2/val_clean.txt" --val-patched-list "$2/val_patched.txt" --layer $LAYER --seed "$3" $PROBE_FLAGS \
-    --save-features --out "$1/probe"
+    --save-features --out "$dir"
 }
 
 start=$(date +%s)
-if [ -z "${RUNS:-}" ]; then  # one run: OUT/data, OUT/clean, OUT/poisoned
+if [ -n "${PRETRAIN_LIST:-}" ]; then  # one model on a given list, probed against existing data folders
+  read -ra PROBE_DIRS <<< "${PROBE_DATA:?PRETRAIN_LIST needs PROBE_DATA=<poison.py folder> (the lists to probe on)}"
+  pretrain "$PRETRAIN_LIST" "$OUT" "$SEED"
+  for D in "${PROBE_DIRS[@]}"; do
+    if [ "${#PROBE_DIRS[@]}" = 1 ]; then probe "$OUT" "$D" "$SEED"; else probe "$OUT" "$D" "$SEED" "$OUT/probe_$(basename "$D")"; fi
+  done
+elif [ -z "${RUNS:-}" ]; then  # one run: OUT/data, OUT/clean, OUT/poisoned
   poison "$OUT/data" --seed "$SEED" ${TARGET:+--target "$TARGET"}
   for KIND in clean poisoned; do
     pretrain "$OUT/data/train_$KIND.txt" "$OUT/$KIND" "$SEED"

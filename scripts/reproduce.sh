@@ -13,7 +13,8 @@
 #   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=in100.txt RUNS=10 bash scripts/reproduce.sh runs/paper
 # Layout: ROOT/data/clean (the lists every run shares), ROOT/data/run<r> (poison.py of run r), ROOT/main/<method>/...,
 # ROOT/defense/run<r>/{teacher,student_<p>pct}, ROOT/badencoder/run<r>/{clean,backdoored}, ROOT/patchsearch/run<r>/<method>
-# (4. PatchSearch on each run's backdoored MoCo v2 and BYOL models: PATCHSEARCH_METHODS).
+# (4. PatchSearch on each run's backdoored MoCo v2 and BYOL models: PATCHSEARCH_METHODS; the DEFENSE_TEACHER's method
+# pre-trained again on the filtered list in ROOT/patchsearch/run<r>/<method>/retrained: PATCHSEARCH_RETRAIN).
 # Environment: PRESET (demo|paper), RUNS (1), TARGETS ("<one target per run>", default a seeded draw per run), DATA_SEED
 # (0), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES, DEFENSE_TEACHER (byol for the demo, moco for the
 # paper), PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an
@@ -91,6 +92,11 @@ for ((r = 0; r < RUNS; r++)); do
     P="$ROOT/patchsearch/run$r/$M"
     [ -f "$P/summary.json" ] || $PY patchsearch.py --encoder "$ROOT/main/$M/run$r/poisoned/checkpoint.pt" \
       --train-list "$DATA/train_poisoned.txt" --out "$P" --seed "$r" $PATCHSEARCH_FLAGS
+    # Then the defended model: the same method pre-trained again on the filtered list (seed r, the preset's flags), probed
+    # against run r (PATCHSEARCH_RETRAIN: the methods to re-train, default the defense teacher, for CompReSS beside it).
+    if [[ " ${PATCHSEARCH_RETRAIN-$DEFENSE_TEACHER} " == *" $M "* ]]; then
+      PRETRAIN_LIST="$P/train_filtered.txt" PROBE_DATA="$DATA" SEED="$r" bash scripts/quickstart.sh "$M" "$P/retrained"
+    fi
   done
 done
 

@@ -9,6 +9,8 @@ Standard library only. Nothing here is typed by hand: every number is read from 
   python scripts/tables.py badencoder ROOT     BadEncoder: ROOT[/run<r>]/clean, .../backdoored
   python scripts/tables.py patchsearch ROOT    PatchSearch: ROOT[/run<r>]/<method>/summary.json
   python scripts/tables.py readme README ROOT  rewrite README's generated sections (between BEGIN/END markers)
+  python scripts/tables.py seeds DIR OTHER     the runs DIR/run<r> with their clean model beside another clean seed's
+                                               (OTHER/probe_run<r>, quickstart.sh PRETRAIN_LIST mode)
 A run folder RUN holds clean/ and poisoned/ (trainer outputs: checkpoint.pt, log.jsonl; clean/ may link them to the
 method's one clean model) with probe/metrics.json inside, data/poison.json, and feature_space.json if drawn. Over
 several runs a cell is mean ± sample standard deviation.
@@ -299,16 +301,49 @@ def badencoder_table(root):
 
 
 def patchsearch_table(root):
-    """PatchSearch: per method, the flagged set's poison recall / precision over ROOT/run<r>/<method>/summary.json."""
+    """PatchSearch: per method, the flagged set's poison recall / precision over ROOT/run<r>/<method>/summary.json, and
+    where the method was pre-trained again on the filtered list (<method>/retrained), its probe beside the backdoored
+    model's (the probe next to summary.json's encoder)."""
     rows = ["| poisoned model | flagged of all images | poison recall % | poison precision % | poisons among the top 100 "
-            "ranked % | runs |", "|---|---|---|---|---|---|",
-            "| MoCo v2 on ImageNet-100 (PatchSearch paper's log) | 2,879 of 126,689 | 95 | 22 | | |"]
+            "ranked % | backdoored: clean Acc / patched FP | re-trained on the filtered list: clean Acc / patched FP | "
+            "runs |", "|---|---|---|---|---|---|---|---|",
+            "| MoCo v2 on ImageNet-100 (PatchSearch paper's log) | 2,879 of 126,689 | 95 | 22 | | | | |"]
     for method in METHODS:
-        ss = [m for r in each_run(root) for m in [load(os.path.join(r, method, "summary.json"))] if m and "recall" in m]
-        if ss:
-            rows.append(f"| {METHOD_NAMES[method]} (ours) | {cell([m['n_flagged'] for m in ss], 0)} of "
-                        f"{ss[0]['n_train']} | {cell([m['recall'] for m in ss])} | {cell([m['precision'] for m in ss])} | "
-                        f"{cell([m['poisons_in_top_ranked_pct']['100'] for m in ss])} | {len(ss)} |")
+        folders = [os.path.join(r, method) for r in each_run(root)]
+        ss = [(f, m) for f in folders for m in [load(os.path.join(f, "summary.json"))] if m and "recall" in m]
+        if not ss:
+            continue
+        pairs = [(b, a) for f, m in ss for b, a in [(load(os.path.join(os.path.dirname(m["encoder"]), "probe", "metrics.json")),
+                                                      load(os.path.join(f, "retrained", "probe", "metrics.json")))] if b and a]
+        probes = "| |" if not pairs else " | ".join(
+            f"{cell([p[k]['acc_clean'] for p in pairs])} / {cell([p[k]['fp_patched'] for p in pairs])}" for k in (0, 1)) + " |"
+        sums = [m for _, m in ss]
+        rows.append(f"| {METHOD_NAMES[method]} (ours) | {cell([m['n_flagged'] for m in sums], 0)} of {sums[0]['n_train']} | "
+                    f"{cell([m['recall'] for m in sums])} | {cell([m['precision'] for m in sums])} | "
+                    f"{cell([m['poisons_in_top_ranked_pct']['100'] for m in sums])} | {probes} "
+                    f"{len(sums)}{f' (re-trained: {len(pairs)})' if pairs else ''} |")
+    return "\n".join(rows)
+
+
+def seeds_table(method_folder, other):
+    """Does the one clean model per method hide variance? Run r's clean-model cells with the clean model of the runs
+    (METHOD_FOLDER/run<r>/clean/probe) beside another clean seed's (OTHER/probe_run<r>: quickstart.sh PRETRAIN_LIST mode
+    with PROBE_DATA = every run's data), and the verdict of each run under either clean model."""
+    rows = ["| run | target | clean model seed A: clean Acc / patched FP | seed B: clean Acc / patched FP | backdoored "
+            "patched FP | effect shown with A / B |", "|---|---|---|---|---|---|"]
+    cols = ([], [], [], [], [])
+    for run in numbered_runs(method_folder):
+        a, b, p = (load(os.path.join(d, "metrics.json")) for d in (
+            os.path.join(run, "clean", "probe"), os.path.join(other, f"probe_{os.path.basename(run)}"),
+            os.path.join(run, "poisoned", "probe")))
+        if a and b and p:
+            for col, v in zip(cols, (a["acc_clean"], a["fp_patched"], b["acc_clean"], b["fp_patched"], p["fp_patched"])):
+                col.append(v)
+            rows.append(f"| {run_number(run)} | {p['target']} '{p['target_name']}' | {a['acc_clean']:.1f} / {a['fp_patched']} | "
+                        f"{b['acc_clean']:.1f} / {b['fp_patched']} | {p['fp_patched']} | "
+                        f"{'yes' if shown(a, p) else 'no'} / {'yes' if shown(b, p) else 'no'} |")
+    if len(cols[0]) > 1:
+        rows.append(f"| mean ± std | | {fmt(cols[0])} / {fmt(cols[1])} | {fmt(cols[2])} / {fmt(cols[3])} | {fmt(cols[4])} | |")
     return "\n".join(rows)
 
 
@@ -338,5 +373,7 @@ if __name__ == "__main__":
         print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:
         readme(*rest)
+    elif cmd == "seeds" and len(rest) == 2:
+        print(seeds_table(*rest))
     else:
         sys.exit(__doc__)

@@ -123,14 +123,50 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
         assert os.path.isfile(out / f"run{r}" / "feature_space.png")
     table = open(out / "table.md").read()
     assert "| moco | ours |" in table and " of 2 |" in table and "shown in" in table and "| moco | 1 |" in table
+    # PRETRAIN_LIST mode (reproduce.sh's PatchSearch re-training): one model on a given list, probed per data folder
+    lone = tmp_path / "lone"
+    third = subprocess.run(cmd[:-1] + [str(lone)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**env, "PRETRAIN_LIST": str(out / "data" / "run1" / "train_clean.txt"),
+                                "PROBE_DATA": f"{out / 'data' / 'run0'} {out / 'data' / 'run1'}", "SEED": "3"})
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads(open(lone / "log.jsonl").readline())["args"]["seed"] == 3
+    for r in (0, 1):
+        assert json.load(open(lone / f"probe_run{r}" / "metrics.json"))["target"] == metas[r]["target"]["index"]
+    assert not os.path.exists(lone / "probe") and not os.path.exists(lone / "table.md")
 
 
 def test_patchsearch_table_over_runs(tmp_path):
     for r, (recall, precision) in enumerate(((50.0, 10.0), (70.0, 30.0))):
-        folder = tmp_path / f"run{r}" / "byol"
+        folder, model = tmp_path / f"run{r}" / "byol", tmp_path / "main" / f"run{r}" / "poisoned"
         os.makedirs(folder)
+        os.makedirs(model / "probe")
+        (model / "probe" / "metrics.json").write_text(json.dumps({"acc_clean": 60.0 + r, "fp_patched": 80 + 20 * r}))
         (folder / "summary.json").write_text(json.dumps({"n_flagged": 100 + 100 * r, "n_train": 2400, "recall": recall,
-                                                         "precision": precision,
+                                                         "precision": precision, "encoder": str(model / "checkpoint.pt"),
                                                          "poisons_in_top_ranked_pct": {"100": 60.0}}))
+    row = [ln for ln in tables.patchsearch_table(str(tmp_path)).splitlines()
+           if ln.startswith("| BYOL")]
+    assert row == ["| BYOL (ours) | 150 ± 71 of 2400 | 60.0 ± 14.1 | 20.0 ± 14.1 | 60.0 ± 0.0 | | | 2 |"]
+    # run 0 re-trained on its filtered list: only that run's pair of probes, backdoored beside re-trained
+    os.makedirs(tmp_path / "run0" / "byol" / "retrained" / "probe")
+    (tmp_path / "run0" / "byol" / "retrained" / "probe" / "metrics.json").write_text(
+        json.dumps({"acc_clean": 65.0, "fp_patched": 12}))
     row = [ln for ln in tables.patchsearch_table(str(tmp_path)).splitlines() if ln.startswith("| BYOL")]
-    assert row == ["| BYOL (ours) | 150 ± 71 of 2400 | 60.0 ± 14.1 | 20.0 ± 14.1 | 60.0 ± 0.0 | 2 |"]
+    assert row == ["| BYOL (ours) | 150 ± 71 of 2400 | 60.0 ± 14.1 | 20.0 ± 14.1 | 60.0 ± 0.0 | 60.0 / 80 | 65.0 / 12 | "
+                   "2 (re-trained: 1) |"]
+
+
+def test_seeds_table_puts_a_second_clean_seed_beside_the_first(tmp_path):
+    def write(path, acc, fp):
+        os.makedirs(path)
+        (path / "metrics.json").write_text(json.dumps({"acc_clean": acc, "fp_patched": fp, "n_patched_nontarget": 350,
+                                                       "num_classes": 8, "target": 2, "target_name": "rings"}))
+    other = tmp_path / "seed1"
+    for r, (a, b, p) in enumerate((((60.0, 10), (55.0, 40), (62.0, 60)), ((64.0, 0), (57.0, 2), (66.0, 30)))):
+        write(tmp_path / "moco" / f"run{r}" / "clean" / "probe", *a)
+        write(tmp_path / "moco" / f"run{r}" / "poisoned" / "probe", *p)
+        write(other / f"probe_run{r}", *b)
+    rows = tables.seeds_table(str(tmp_path / "moco"), str(other)).splitlines()[2:]
+    assert rows == ["| 0 | 2 'rings' | 60.0 / 10 | 55.0 / 40 | 60 | yes / no |",  # 60 vs 40 is only 1.5x
+                    "| 1 | 2 'rings' | 64.0 / 0 | 57.0 / 2 | 30 | yes / yes |",
+                    "| mean ± std | | 62.0 ± 2.8 / 5.0 ± 7.1 | 56.0 ± 1.4 / 21.0 ± 26.9 | 45.0 ± 21.2 | |"]
