@@ -8,6 +8,8 @@ Standard library only. Nothing here is typed by hand: every number is read from 
   python scripts/tables.py defense ROOT        CompReSS defense: ROOT[/run<r>]/teacher, .../student_<p>pct
   python scripts/tables.py badencoder ROOT     BadEncoder: ROOT[/run<r>]/clean, .../backdoored
   python scripts/tables.py patchsearch ROOT    PatchSearch: ROOT[/run<r>]/<method>/summary.json
+  python scripts/tables.py triggers ROOT       trigger families: ROOT/triggers/<trigger>/<method>/run<r> beside the HTBA
+                                               patch's runs of the same r (ROOT/main/<method>/run<r>)
   python scripts/tables.py readme README ROOT  rewrite README's generated sections (between BEGIN/END markers)
   python scripts/tables.py seeds DIR OTHER     the runs DIR/run<r> with their clean model beside another clean seed's
                                                (OTHER/probe_run<r>, quickstart.sh PRETRAIN_LIST mode)
@@ -347,6 +349,39 @@ def seeds_table(method_folder, other):
     return "\n".join(rows)
 
 
+def trigger_name(run):
+    """'HTBA patch, 14 px' / 'blend, opacity 0.2' / 'CTRL, magnitude 100': from the run's poison.json."""
+    meta = load(os.path.join(run, "data", "poison.json")) or {}
+    t = meta.get("trigger") if isinstance(meta.get("trigger"), dict) else {}
+    if t.get("family") == "ctrl":
+        return f"CTRL, magnitude {t['magnitude']:g}"
+    if t.get("family") == "blend":
+        return f"blend, opacity {t['opacity']:g}"
+    return f"{'HTBA' if t.get('kind') == 'htba' else t.get('kind', '?')} patch, {t.get('size')} px"
+
+
+def triggers_table(root):
+    """One row per method and trigger family: ROOT/triggers/<trigger>/<method>/run<r> (reproduce.sh TRIGGERS), and the
+    HTBA patch's runs ROOT/main/<method>/run<r> of the same r (same targets, same clean model) above them."""
+    rows = ["| method | trigger | runs | clean model: patched Acc / FP | backdoored: clean Acc / FP | backdoored: patched "
+            "Acc / FP | backdoored ASR % | patched FP, backdoored - clean | effect shown | patched -> target centroid %, "
+            "clean / backdoored |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        others = [done for d in sorted(glob.glob(os.path.join(root, "triggers", "*", method)))
+                  for done in [finished(numbered_runs(d))] if done]
+        if not others:
+            continue
+        numbers = {run_number(r) for done in others for r, *_ in done}
+        htba = [x for x in finished(numbered_runs(os.path.join(root, "main", method))) if run_number(x[0]) in numbers]
+        for done in [htba] * bool(htba) + others:
+            _, c, b, fs = map(list, zip(*done))
+            cells = pair_cells(c, b, fs)
+            rows.append(f"| {METHOD_NAMES[method]} | {trigger_name(done[0][0])} | "
+                        f"{', '.join(str(run_number(r)) for r, *_ in done)} | " + " | ".join(cells[1:6]) +
+                        f" | {sum(shown(x, y) for x, y in zip(c, b))} of {len(done)} | {cells[6]} |")
+    return "\n".join(rows)
+
+
 def hardware():
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
@@ -358,7 +393,8 @@ def readme(path, root):
               "details": lambda: details_table(os.path.join(root, "main")),
               "defense": lambda: defense_table(os.path.join(root, "defense")),
               "badencoder": lambda: badencoder_table(os.path.join(root, "badencoder")),
-              "patchsearch": lambda: patchsearch_table(os.path.join(root, "patchsearch"))}
+              "patchsearch": lambda: patchsearch_table(os.path.join(root, "patchsearch")),
+              "triggers": lambda: triggers_table(root)}
     for name, make in makers.items():
         text = re.sub(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", lambda m: m.group(1) + make() + "\n" + m.group(2),
                       text, flags=re.S)
@@ -368,7 +404,7 @@ def readme(path, root):
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
     commands = {"pair": pair, "runs": runs_table, "main": main_table, "details": details_table, "defense": defense_table,
-                "badencoder": badencoder_table, "patchsearch": patchsearch_table}
+                "badencoder": badencoder_table, "patchsearch": patchsearch_table, "triggers": triggers_table}
     if cmd in commands and len(rest) == 1:
         print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:

@@ -170,3 +170,61 @@ def test_seeds_table_puts_a_second_clean_seed_beside_the_first(tmp_path):
     assert rows == ["| 0 | 2 'rings' | 60.0 / 10 | 55.0 / 40 | 60 | yes / no |",  # 60 vs 40 is only 1.5x
                     "| 1 | 2 'rings' | 64.0 / 0 | 57.0 / 2 | 30 | yes / yes |",
                     "| mean ± std | | 62.0 ± 2.8 / 5.0 ± 7.1 | 56.0 ± 1.4 / 21.0 ± 26.9 | 45.0 ± 21.2 | |"]
+
+
+def test_triggers_table_puts_each_trigger_beside_the_htba_runs_of_the_same_r(tmp_path):
+    """HTBA runs 0-2, blend runs 0-1, CTRL run 0 of BYOL: the HTBA row keeps only runs 0 and 1 (those another trigger has)."""
+    triggers = {"main": {"kind": "htba", "family": "patch", "size": 14},
+                "triggers/blend": {"kind": "blend", "family": "blend", "opacity": 0.2},
+                "triggers/ctrl": {"kind": "ctrl", "family": "ctrl", "magnitude": 100.0}}
+    fps = {"main": [(10, 60), (0, 5), (20, 200)], "triggers/blend": [(10, 110), (0, 40)], "triggers/ctrl": [(10, 12)]}
+    for folder, pairs in fps.items():
+        for r, (cfp, bfp) in enumerate(pairs):
+            run = tmp_path / folder / "byol" / f"run{r}"
+            write(run / "clean" / "probe", "metrics.json", metrics(60.0, 5, 50.0, cfp, method="byol"))
+            write(run / "poisoned" / "probe", "metrics.json", metrics(62.0, 6, 40.0 + r, bfp, method="byol"))
+            write(run / "data", "poison.json", {"trigger": triggers[folder]})
+    rows = tables.triggers_table(str(tmp_path)).splitlines()[2:]
+    assert rows == [  # run 0 of HTBA: 6x, +14.3%: shown; run 1: 5 vs 0 is +1.4% only; blend: 11x and 40x, +28.6, +11.4
+        "| BYOL | HTBA patch, 14 px | 0, 1 | 50.0 ± 0.0 / 5.0 ± 7.1 | 62.0 ± 0.0 / 6.0 ± 0.0 | 40.5 ± 0.7 / 32.5 ± 38.9 | "
+        "9.3 ± 11.1 | 27.5 ± 31.8 | 1 of 2 | - |",
+        "| BYOL | blend, opacity 0.2 | 0, 1 | 50.0 ± 0.0 / 5.0 ± 7.1 | 62.0 ± 0.0 / 6.0 ± 0.0 | 40.5 ± 0.7 / 75.0 ± 49.5 | "
+        "21.4 ± 14.1 | 70.0 ± 42.4 | 2 of 2 | - |",
+        "| BYOL | CTRL, magnitude 100 | 0 | 50.0 / 10 | 62.0 / 6 | 40.0 / 12 | 3.4 | 2 | 0 of 1 | - |"]
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- BEGIN triggers -->\nold\n<!-- END triggers -->\n")
+    tables.readme(str(readme), str(tmp_path))
+    assert "| BYOL | CTRL, magnitude 100 | 0 |" in readme.read_text() and "old" not in readme.read_text()
+
+
+def test_another_trigger_family_reuses_the_clean_model(tmp_path):
+    """reproduce.sh TRIGGERS: run r of --trigger blend in its own data folder, with table 1's clean model linked in (the
+    clean lists are the same images), is probed against that run's target; the clean model is not trained again."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "RUNS": "1",
+           "POISON_EXTRA": "--demo-classes 3 --demo-train-per-class 16 --demo-val-per-class 4 --demo-size 32 "
+                           "--val-crop 16 --trigger-size 4 --workers 1",
+           "EXTRA": "--image-size 16 --epochs 1 --batch-size 16 --queue-size 32"}
+    cmd = ["bash", os.path.join(ROOT, "scripts", "quickstart.sh"), "moco"]
+    first = subprocess.run(cmd + [str(tmp_path / "main" / "moco")], cwd=ROOT, env={**env, "DATA_DIR": str(tmp_path / "data")},
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out, clean = tmp_path / "triggers" / "blend" / "moco", tmp_path / "main" / "moco" / "clean"
+    os.makedirs(out / "clean")
+    for f in ("checkpoint.pt", "log.jsonl", "done"):
+        os.symlink(clean / f, out / "clean" / f)
+    mtime = os.path.getmtime(clean / "checkpoint.pt")
+    second = subprocess.run(cmd + [str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**env, "DATA_DIR": str(tmp_path / "triggers" / "blend" / "data"),
+                                 "POISON_EXTRA": env["POISON_EXTRA"] + " --trigger blend"})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("epoch 1/1") == 1 and os.path.getmtime(clean / "checkpoint.pt") == mtime
+    lists = [open(tmp_path / d / "clean" / "train_clean.txt").read() for d in ("data", "triggers/blend/data")]
+    image = lists[0].split()[0]
+    assert lists[0] == lists[1] and open(tmp_path / "data" / "clean" / image, "rb").read() == open(
+        tmp_path / "triggers" / "blend" / "data" / "clean" / image, "rb").read()
+    meta = json.load(open(tmp_path / "triggers" / "blend" / "data" / "run0" / "poison.json"))
+    assert meta["trigger"]["family"] == "blend" and meta["target"]["index"] == runs.target(0, 3)
+    probe = json.load(open(out / "run0" / "clean" / "probe" / "metrics.json"))
+    assert probe["target"] == meta["target"]["index"] and "blend" in probe["args"]["val_patched_list"]
+    rows = tables.triggers_table(str(tmp_path)).splitlines()[2:]
+    assert [r.split(" | ")[1:3] for r in rows] == [["HTBA patch, 4 px", "0"], ["blend, opacity 0.2", "0"]]
