@@ -366,6 +366,7 @@ def triggers_table(root):
     rows = ["| method | trigger | runs | clean model: patched Acc / FP | backdoored: clean Acc / FP | backdoored: patched "
             "Acc / FP | backdoored ASR % | patched FP, backdoored - clean | effect shown | patched -> target centroid %, "
             "clean / backdoored |", "|---|---|---|---|---|---|---|---|---|---|"]
+    each = {}  # the details table's rows: "<method>, <trigger>" -> run folders
     for method in METHODS:
         others = [done for d in sorted(glob.glob(os.path.join(root, "triggers", "*", method)))
                   for done in [finished(numbered_runs(d))] if done]
@@ -379,7 +380,8 @@ def triggers_table(root):
             rows.append(f"| {METHOD_NAMES[method]} | {trigger_name(done[0][0])} | "
                         f"{', '.join(str(run_number(r)) for r, *_ in done)} | " + " | ".join(cells[1:6]) +
                         f" | {sum(shown(x, y) for x, y in zip(c, b))} of {len(done)} | {cells[6]} |")
-    return "\n".join(rows)
+            each[f"{method}, {trigger_name(done[0][0]).split(',')[0]}"] = [r for r, *_ in done]
+    return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) if each else "")
 
 
 def hardware():

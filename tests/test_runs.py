@@ -184,13 +184,17 @@ def test_triggers_table_puts_each_trigger_beside_the_htba_runs_of_the_same_r(tmp
             write(run / "clean" / "probe", "metrics.json", metrics(60.0, 5, 50.0, cfp, method="byol"))
             write(run / "poisoned" / "probe", "metrics.json", metrics(62.0, 6, 40.0 + r, bfp, method="byol"))
             write(run / "data", "poison.json", {"trigger": triggers[folder]})
-    rows = tables.triggers_table(str(tmp_path)).splitlines()[2:]
+    table, details = tables.triggers_table(str(tmp_path)).split("\n\nEvery run:\n\n")
+    rows = table.splitlines()[2:]
     assert rows == [  # run 0 of HTBA: 6x, +14.3%: shown; run 1: 5 vs 0 is +1.4% only; blend: 11x and 40x, +28.6, +11.4
         "| BYOL | HTBA patch, 14 px | 0, 1 | 50.0 ± 0.0 / 5.0 ± 7.1 | 62.0 ± 0.0 / 6.0 ± 0.0 | 40.5 ± 0.7 / 32.5 ± 38.9 | "
         "9.3 ± 11.1 | 27.5 ± 31.8 | 1 of 2 | - |",
         "| BYOL | blend, opacity 0.2 | 0, 1 | 50.0 ± 0.0 / 5.0 ± 7.1 | 62.0 ± 0.0 / 6.0 ± 0.0 | 40.5 ± 0.7 / 75.0 ± 49.5 | "
         "21.4 ± 14.1 | 70.0 ± 42.4 | 2 of 2 | - |",
         "| BYOL | CTRL, magnitude 100 | 0 | 50.0 / 10 | 62.0 / 6 | 40.0 / 12 | 3.4 | 2 | 0 of 1 | - |"]
+    assert [r.split(" | ")[:2] for r in details.splitlines()[2:]] == [
+        ["| byol, HTBA patch", "0"], ["| byol, HTBA patch", "1"], ["| byol, blend", "0"], ["| byol, blend", "1"],
+        ["| byol, CTRL", "0"]]
     readme = tmp_path / "README.md"
     readme.write_text("<!-- BEGIN triggers -->\nold\n<!-- END triggers -->\n")
     tables.readme(str(readme), str(tmp_path))
@@ -226,5 +230,5 @@ def test_another_trigger_family_reuses_the_clean_model(tmp_path):
     assert meta["trigger"]["family"] == "blend" and meta["target"]["index"] == runs.target(0, 3)
     probe = json.load(open(out / "run0" / "clean" / "probe" / "metrics.json"))
     assert probe["target"] == meta["target"]["index"] and "blend" in probe["args"]["val_patched_list"]
-    rows = tables.triggers_table(str(tmp_path)).splitlines()[2:]
+    rows = tables.triggers_table(str(tmp_path)).split("\n\n")[0].splitlines()[2:]
     assert [r.split(" | ")[1:3] for r in rows] == [["HTBA patch, 4 px", "0"], ["blend, opacity 0.2", "0"]]
