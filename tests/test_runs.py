@@ -232,3 +232,13 @@ def test_another_trigger_family_reuses_the_clean_model(tmp_path):
     assert probe["target"] == meta["target"]["index"] and "blend" in probe["args"]["val_patched_list"]
     rows = tables.triggers_table(str(tmp_path)).split("\n\n")[0].splitlines()[2:]
     assert [r.split(" | ")[1:3] for r in rows] == [["HTBA patch, 4 px", "0"], ["blend, opacity 0.2", "0"]]
+
+
+def test_another_trigger_family_without_the_clean_model_is_one_clear_line(tmp_path):
+    """reproduce.sh TRIGGERS refuses, before training anything, when table 1's clean model of the method is missing."""
+    env = {**os.environ, "METHODS": " ", "RUNS": "1", "TRIGGERS": "blend", "TRIGGER_METHODS": "moco"}
+    got = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce.sh"), str(tmp_path / "root")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 2 and got.stdout == ""
+    assert got.stderr.strip() == f"reproduce.sh: TRIGGERS needs {tmp_path / 'root'}/main/moco/clean (METHODS=moco)"
+    assert not (tmp_path / "root" / "triggers").exists()
