@@ -20,6 +20,15 @@ TINY = ["--demo-classes", "3", "--demo-train-per-class", "16", "--demo-val-per-c
         "--val-crop", "16", "--workers", "1", "--labeled-fractions", "0.25,0.5"]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tests opt in with pytest.mark.usefixtures): tiny models gain nothing from more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(script, *args, env=None, check=True):
     """Run a top-level script in a fresh interpreter; return the CompletedProcess (stdout and stderr as text)."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]

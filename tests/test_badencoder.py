@@ -19,12 +19,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 16 px models gain nothing from more; idle threads spin on a busy machine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 16 px models gain nothing from more threads
 
 
 def test_loss_terms_on_constructed_features():

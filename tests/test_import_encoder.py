@@ -23,12 +23,7 @@ SCRIPT = "scripts/import_encoder.py"
 VIT = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 16 px models gain nothing from more threads
 
 
 def resnet18(seed, small_stem=False, fc=True):
