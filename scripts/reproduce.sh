@@ -15,7 +15,8 @@
 # ROOT/defense/run<r>/{teacher,student_<p>pct}, ROOT/badencoder/run<r>/{clean,backdoored}, ROOT/patchsearch/run<r>/<method>
 # (4. PatchSearch on each run's backdoored MoCo v2 and BYOL models: PATCHSEARCH_METHODS; the DEFENSE_TEACHER's method
 # pre-trained again on the filtered list in ROOT/patchsearch/run<r>/<method>/retrained: PATCHSEARCH_RETRAIN).
-# 5. Other trigger families on table 1's runs: TRIGGERS="blend ctrl" [TRIGGER_METHODS=byol], in ROOT/triggers/<trigger>.
+# 5. Other triggers on table 1's runs: TRIGGERS="blend ctrl htba:7" [TRIGGER_METHODS=byol], in ROOT/triggers/<trigger>
+#    (FAMILY:SIZE: that family at SIZE px, in ROOT/triggers/FAMILY_SIZEpx; the demo's HTBA patch is 14 px).
 # Environment: PRESET (demo|paper), RUNS (1), TARGETS ("<one target per run>", default a seeded draw per run), DATA_SEED
 # (0), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES, DEFENSE_TEACHER (byol for the demo, moco for the
 # paper), PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an
@@ -101,16 +102,19 @@ for ((r = 0; r < RUNS; r++)); do
   done
 done
 
-# 5. other trigger families (TRIGGERS="blend ctrl": poison.py --trigger T) on the same runs, for TRIGGER_METHODS (byol):
-# per trigger its own data ROOT/triggers/T/data and runs ROOT/triggers/T/<method>/run<r> (run r: the same target and
-# trigger seed as table 1's run r). The clean lists are the same images (DATA_SEED), so table 1's clean model is linked in.
-for T in ${TRIGGERS:-}; do
+# 5. other triggers (TRIGGERS="blend ctrl htba:7": poison.py --trigger FAMILY [--trigger-size SIZE]) on the same runs, for
+# TRIGGER_METHODS (byol): per trigger its own data ROOT/triggers/T/data and runs ROOT/triggers/T/<method>/run<r> (run r:
+# the same target and trigger seed as table 1's run r). The clean lists are the same images (DATA_SEED), so table 1's
+# clean model is linked in (and probed against each trigger's patched val images).
+for ENTRY in ${TRIGGERS:-}; do
+  FAMILY=${ENTRY%%:*}; SIZE=${ENTRY#"$FAMILY"}; SIZE=${SIZE#:}
+  T=$FAMILY${SIZE:+_${SIZE}px}
   for M in ${TRIGGER_METHODS:-byol}; do
     O="$ROOT/triggers/$T/$M"
-    [ -f "$ROOT/main/$M/clean/done" ] || { echo "reproduce.sh: TRIGGERS needs $ROOT/main/$M/clean (METHODS=$M)" >&2; exit 2; }
+    [ -f "$ROOT/main/$M/clean/done" ] || { echo "reproduce.sh: TRIGGERS $ENTRY ($O) needs $ROOT/main/$M/clean (METHODS=$M)" >&2; exit 2; }
     mkdir -p "$O/clean"
     for F in checkpoint.pt log.jsonl done; do [ -e "$O/clean/$F" ] || ln -s "$(cd "$ROOT/main/$M/clean" && pwd)/$F" "$O/clean/$F"; done
-    DATA_DIR="$ROOT/triggers/$T/data" POISON_EXTRA="--trigger $T ${POISON_EXTRA:-}" bash scripts/quickstart.sh "$M" "$O"
+    DATA_DIR="$ROOT/triggers/$T/data" POISON_EXTRA="--trigger $FAMILY ${SIZE:+--trigger-size $SIZE} ${POISON_EXTRA:-}" bash scripts/quickstart.sh "$M" "$O"
   done
 done
 

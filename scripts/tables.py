@@ -380,7 +380,7 @@ def triggers_table(root):
             rows.append(f"| {METHOD_NAMES[method]} | {trigger_name(done[0][0])} | "
                         f"{', '.join(str(run_number(r)) for r, *_ in done)} | " + " | ".join(cells[1:6]) +
                         f" | {sum(shown(x, y) for x, y in zip(c, b))} of {len(done)} | {cells[6]} |")
-            each[f"{method}, {trigger_name(done[0][0]).split(',')[0]}"] = [r for r, *_ in done]
+            each[f"{method}, {trigger_name(done[0][0])}"] = [r for r, *_ in done]
     return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) if each else "")
 
 

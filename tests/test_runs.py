@@ -173,13 +173,16 @@ def test_seeds_table_puts_a_second_clean_seed_beside_the_first(tmp_path):
 
 
 def test_triggers_table_puts_each_trigger_beside_the_htba_runs_of_the_same_r(tmp_path):
-    """HTBA runs 0-2, blend runs 0-1, CTRL run 0 of BYOL: the HTBA row keeps only runs 0 and 1 (those another trigger has)."""
+    """HTBA runs 0-2, blend runs 0-1, CTRL run 0 and a 7 px HTBA run 1 of BYOL: the HTBA row keeps only runs 0 and 1 (those
+    another trigger has), and the two HTBA sizes stay apart."""
     triggers = {"main": {"kind": "htba", "family": "patch", "size": 14},
                 "triggers/blend": {"kind": "blend", "family": "blend", "opacity": 0.2},
-                "triggers/ctrl": {"kind": "ctrl", "family": "ctrl", "magnitude": 100.0}}
-    fps = {"main": [(10, 60), (0, 5), (20, 200)], "triggers/blend": [(10, 110), (0, 40)], "triggers/ctrl": [(10, 12)]}
+                "triggers/ctrl": {"kind": "ctrl", "family": "ctrl", "magnitude": 100.0},
+                "triggers/htba_7px": {"kind": "htba", "family": "patch", "size": 7}}
+    fps = {"main": [(10, 60), (0, 5), (20, 200)], "triggers/blend": [(10, 110), (0, 40)], "triggers/ctrl": [(10, 12)],
+           "triggers/htba_7px": [None, (4, 40)]}
     for folder, pairs in fps.items():
-        for r, (cfp, bfp) in enumerate(pairs):
+        for r, (cfp, bfp) in ((r, p) for r, p in enumerate(pairs) if p):
             run = tmp_path / folder / "byol" / f"run{r}"
             write(run / "clean" / "probe", "metrics.json", metrics(60.0, 5, 50.0, cfp, method="byol"))
             write(run / "poisoned" / "probe", "metrics.json", metrics(62.0, 6, 40.0 + r, bfp, method="byol"))
@@ -191,10 +194,11 @@ def test_triggers_table_puts_each_trigger_beside_the_htba_runs_of_the_same_r(tmp
         "9.3 ± 11.1 | 27.5 ± 31.8 | 1 of 2 | - |",
         "| BYOL | blend, opacity 0.2 | 0, 1 | 50.0 ± 0.0 / 5.0 ± 7.1 | 62.0 ± 0.0 / 6.0 ± 0.0 | 40.5 ± 0.7 / 75.0 ± 49.5 | "
         "21.4 ± 14.1 | 70.0 ± 42.4 | 2 of 2 | - |",
-        "| BYOL | CTRL, magnitude 100 | 0 | 50.0 / 10 | 62.0 / 6 | 40.0 / 12 | 3.4 | 2 | 0 of 1 | - |"]
+        "| BYOL | CTRL, magnitude 100 | 0 | 50.0 / 10 | 62.0 / 6 | 40.0 / 12 | 3.4 | 2 | 0 of 1 | - |",
+        "| BYOL | HTBA patch, 7 px | 1 | 50.0 / 4 | 62.0 / 6 | 41.0 / 40 | 11.4 | 36 | 1 of 1 | - |"]  # 10x, +10.3%
     assert [r.split(" | ")[:2] for r in details.splitlines()[2:]] == [
-        ["| byol, HTBA patch", "0"], ["| byol, HTBA patch", "1"], ["| byol, blend", "0"], ["| byol, blend", "1"],
-        ["| byol, CTRL", "0"]]
+        ["| byol, HTBA patch, 14 px", "0"], ["| byol, HTBA patch, 14 px", "1"], ["| byol, blend, opacity 0.2", "0"],
+        ["| byol, blend, opacity 0.2", "1"], ["| byol, CTRL, magnitude 100", "0"], ["| byol, HTBA patch, 7 px", "1"]]
     readme = tmp_path / "README.md"
     readme.write_text("<!-- BEGIN triggers -->\nold\n<!-- END triggers -->\n")
     tables.readme(str(readme), str(tmp_path))
@@ -236,9 +240,12 @@ def test_another_trigger_family_reuses_the_clean_model(tmp_path):
 
 def test_another_trigger_family_without_the_clean_model_is_one_clear_line(tmp_path):
     """reproduce.sh TRIGGERS refuses, before training anything, when table 1's clean model of the method is missing."""
-    env = {**os.environ, "METHODS": " ", "RUNS": "1", "TRIGGERS": "blend", "TRIGGER_METHODS": "moco"}
-    got = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce.sh"), str(tmp_path / "root")], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=60)
-    assert got.returncode == 2 and got.stdout == ""
-    assert got.stderr.strip() == f"reproduce.sh: TRIGGERS needs {tmp_path / 'root'}/main/moco/clean (METHODS=moco)"
-    assert not (tmp_path / "root" / "triggers").exists()
+    root = tmp_path / "root"
+    for entry, folder in (("blend", "blend"), ("htba:7", "htba_7px")):  # FAMILY:SIZE has a folder of its own
+        env = {**os.environ, "METHODS": " ", "RUNS": "1", "TRIGGERS": entry, "TRIGGER_METHODS": "moco"}
+        got = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce.sh"), str(root)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert got.returncode == 2 and got.stdout == ""
+        assert got.stderr.strip() == (f"reproduce.sh: TRIGGERS {entry} ({root}/triggers/{folder}/moco) needs "
+                                      f"{root}/main/moco/clean (METHODS=moco)")
+        assert not (root / "triggers").exists()
