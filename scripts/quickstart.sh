@@ -17,6 +17,8 @@
 #           --seed r), the backdoored model OUT/run<r>/poisoned (seed r), both models probed in OUT/run<r>/{clean,
 #           poisoned}/probe (OUT/run<r>/clean links the clean model), OUT/run<r>/feature_space.png; OUT/table.md is
 #           mean ± std over the runs and each run. DATA_DIR=<folder> (instead of OUT/data) shares the data between methods.
+#           With N >= 2, OUT/run<r>/control/probe: the control of run r, run r-1's backdoored model (run 1's for r = 0),
+#           poisoned for another target with another trigger, probed on run r's lists.
 #   PRETRAIN_LIST=<list> PROBE_DATA="<poison.py folder> ..."  one model OUT (seed SEED) with the preset's flags on that
 #           list (e.g. patchsearch.py's train_filtered.txt), probed against each folder's lists and target: OUT/probe for
 #           one folder, OUT/probe_<folder name> for several. No poisoning, no table.
@@ -118,6 +120,11 @@ else
     probe "$R/poisoned" "$D" "$r"
     [ -f "$R/feature_space.json" ] || $PY scripts/feature_space.py "$R"
     $PY scripts/tables.py pair "$R" > "$R/table.md"
+  done
+  # The control of run r: a backdoored model without a backdoor for run r's target and trigger (run r-1's; run 1's for
+  # run 0) on run r's patched images. Where it sends as many to the target, run r's effect is no backdoor.
+  for ((r = 0; r < RUNS && RUNS > 1; r++)); do
+    probe "$OUT/run$(( r > 0 ? r - 1 : 1 ))/poisoned" "$DATA_DIR/run$r" "$r" "$OUT/run$r/control/probe"
   done
   $PY scripts/tables.py runs "$OUT" | tee "$OUT/table.md"
 fi

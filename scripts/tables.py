@@ -243,19 +243,27 @@ def main_table(root):
     return "\n".join(rows)
 
 
+def control(run):
+    """'55 (run 0)': the patched FP of run r's control (quickstart.sh RUNS >= 2: another run's backdoored model, poisoned
+    for another target with another trigger, probed on run r's lists), or '-'."""
+    m = load(os.path.join(run, "control", "probe", "metrics.json"))
+    return f"{m['fp_patched']} (run {run_number(os.path.dirname(os.path.dirname(m['encoder'])))})" if m else "-"
+
+
 def details_table(root, runs=None):
-    """Every run of every method: its target, trigger seed and cells."""
+    """Every run of every method: its target, trigger seed, cells and control."""
     runs = runs or {method: runs_of(root, method) for method in METHODS}
     rows = ["| method | run | target | trigger seed | clean model: clean Acc / FP | clean model: patched Acc / FP | "
             "backdoored: clean Acc / FP | backdoored: patched Acc / FP | backdoored ASR % | patched FP, backdoored - clean "
-            "| effect shown | patched -> target centroid %, clean / backdoored |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| effect shown | patched -> target centroid %, clean / backdoored | control: patched FP (its model's run) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, folders in runs.items():
         for r, c, b, fs in finished(folders):
             name = os.path.basename(r) if run_number(r) is None else run_number(r)
             seed = trigger_seed(r)
             rows.append(f"| {method} | {name} | {b['target']} '{b['target_name']}' | {'-' if seed is None else seed} | " +
                         " | ".join(pair_cells(c, b, fs)[:6]) + f" | {'yes' if shown(c, b) else 'no'} | "
-                        f"{pair_cells(c, b, fs)[6]} |")
+                        f"{pair_cells(c, b, fs)[6]} | {control(r)} |")
     return "\n".join(rows)
 
 

@@ -63,6 +63,9 @@ def test_tables_over_runs(tmp_path):
         write(run / "poisoned" / "probe", "metrics.json", metrics(62.0, 6, 40.0 + r, bfp, target))
         write(run / "poisoned", "log.jsonl", log(60.0 * (r + 1)))
         write(run / "data", "poison.json", {"trigger": {"kind": "htba", "seed": 10 + r}})
+        if r == 1:  # run 1's control: run 0's backdoored model on run 1's lists
+            write(run / "control" / "probe", "metrics.json", {**metrics(55.0, 4, 45.0, 33, target),
+                                                              "encoder": str(method / "run0" / "poisoned" / "checkpoint.pt")})
         write(run, "feature_space.json", {"clean": {"patched_to_target_centroid": 2.0 * r},
                                           "backdoored": {"patched_to_target_centroid": 40.0 + 10 * r}})
     main = tables.main_table(tmp_path / "main")
@@ -73,8 +76,8 @@ def test_tables_over_runs(tmp_path):
     assert "| moco | paper | 49.9 / 23.0 | 47.0 / 22.8 | 50.1 / 27.6 | 42.5 / 461.1 | 9.3 | 438.3 |" in main
     assert "MoCo v2: backdoor effect shown in 1 of 3 runs" in main and "backdoored minus clean: 30.0 ± 20.0 of 350" in main
     details = tables.details_table(tmp_path / "main")
-    assert "| moco | 0 | 2 'class2' | 10 | 60.0 / 5 | 50.0 / 10 | 62.0 / 6 | 40.0 / 60 | 17.1 | 50 | yes | 0.0 / 40.0 |" in details
-    assert "| moco | 1 | 5 'class5' | 11 | 61.0 / 5 | 50.0 / 0 | 62.0 / 6 | 41.0 / 10 | 2.9 | 10 | no | 2.0 / 50.0 |" in details
+    assert "| moco | 0 | 2 'class2' | 10 | 60.0 / 5 | 50.0 / 10 | 62.0 / 6 | 40.0 / 60 | 17.1 | 50 | yes | 0.0 / 40.0 | - |" in details
+    assert "| moco | 1 | 5 'class5' | 11 | 61.0 / 5 | 50.0 / 0 | 62.0 / 6 | 41.0 / 10 | 2.9 | 10 | no | 2.0 / 50.0 | 33 (run 0) |" in details
     summary = tables.runs_table(method)
     assert "| moco | ours | 61.0 ± 1.0" in summary and "| moco | 2 | 1 'class1' | 12 |" in summary
 
@@ -104,6 +107,7 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
     cmd = ["bash", os.path.join(ROOT, "scripts", "quickstart.sh"), "moco", str(out)]
     first = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "1"}, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert not os.path.exists(out / "run0" / "control")  # one run has no other run's model to control with
     clean_mtime = os.path.getmtime(out / "clean" / "checkpoint.pt")
     second = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "2"}, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -121,6 +125,11 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
         probe = json.load(open(out / f"run{r}" / "clean" / "probe" / "metrics.json"))
         assert probe["target"] == metas[r]["target"]["index"]  # the clean model probed against run r's target
         assert os.path.isfile(out / f"run{r}" / "feature_space.png")
+    for r, other in ((0, 1), (1, 0)):  # the controls: run 1's backdoored model on run 0's lists, run 0's on run 1's
+        control = json.load(open(out / f"run{r}" / "control" / "probe" / "metrics.json"))
+        assert control["target"] == metas[r]["target"]["index"] and control["args"]["val_patched_list"].startswith(
+            str(out / "data" / f"run{r}"))
+        assert os.path.realpath(control["encoder"]) == os.path.realpath(out / f"run{other}" / "poisoned" / "checkpoint.pt")
     table = open(out / "table.md").read()
     assert "| moco | ours |" in table and " of 2 |" in table and "shown in" in table and "| moco | 1 |" in table
     # PRETRAIN_LIST mode (reproduce.sh's PatchSearch re-training): one model on a given list, probed per data folder
