@@ -10,6 +10,8 @@ Standard library only. Nothing here is typed by hand: every number is read from 
   python scripts/tables.py patchsearch ROOT    PatchSearch: ROOT[/run<r>]/<method>/summary.json
   python scripts/tables.py triggers ROOT       trigger families: ROOT/triggers/<trigger>/<method>/run<r> beside the HTBA
                                                patch's runs of the same r (ROOT/main/<method>/run<r>)
+  python scripts/tables.py knobs ROOT         knob search: ROOT/knobs/<name>/run<r> (quickstart.sh RUNS=N with other flags)
+                                               beside the main table's runs of the same r (ROOT/main/<method>/run<r>)
   python scripts/tables.py readme README ROOT  rewrite README's generated sections (between BEGIN/END markers)
   python scripts/tables.py seeds DIR OTHER     the runs DIR/run<r> with their clean model beside another clean seed's
                                                (OTHER/probe_run<r>, quickstart.sh PRETRAIN_LIST mode)
@@ -392,6 +394,54 @@ def triggers_table(root):
     return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) if each else "")
 
 
+RUN_ARGS = {"train_list", "out", "seed", "resume", "workers", "save_every", "log_every", "target", "trigger_seed",
+            "overwrite", "device"}  # what differs between two runs of one setting
+
+
+def run_args(run):
+    """The flags that make a run's setting: its backdoored model's trainer args and its data's poison.py args."""
+    path = os.path.join(run, "poisoned", "log.jsonl")
+    first = next(map(json.loads, open(path)), {}) if os.path.isfile(path) else {}
+    meta = load(os.path.join(run, "data", "poison.json")) or {}
+    return {k: v for k, v in {**first.get("args", {}), **meta.get("args", {})}.items() if k not in RUN_ARGS}
+
+
+def knobs_table(root):
+    """One row per knob setting, ROOT/knobs/<name>/run<r> (its own clean model), below the main table's runs of the same
+    r (ROOT/main/<method>/run<r>, the demo preset); the setting is every flag that differs from the preset's."""
+    rows = ["| method | setting | runs | clean model: clean Acc / FP | clean model: patched Acc / FP | backdoored: clean Acc / "
+            "FP | backdoored: patched Acc / FP | backdoored ASR % | patched FP, backdoored - clean | effect shown | patched "
+            "-> target centroid %, clean / backdoored | train time: clean model, backdoored per run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    each = {}
+    for folder in sorted(glob.glob(os.path.join(root, "knobs", "*"))):
+        done = finished(numbered_runs(folder))
+        if not done:
+            continue
+        method, numbers = done[0][2]["method"], {run_number(r) for r, *_ in done}
+        base = [x for x in finished(numbered_runs(os.path.join(root, "main", method))) if run_number(x[0]) in numbers]
+        preset = run_args(base[0][0]) if base else {}
+        for runs, label in ((base, "demo preset"), (done, None)):
+            if not runs:
+                continue
+            if label is None:
+                args = run_args(runs[0][0])
+                label = ", ".join(f"{k} {args.get(k)}" for k in sorted(set(args) | set(preset))
+                                  if args.get(k) != preset.get(k)) or "demo preset"
+            _, c, b, fs = map(list, zip(*runs))
+            cells = pair_cells(c, b, fs)
+            clean = {os.path.realpath(os.path.join(r, "clean", "log.jsonl")): train_log(os.path.join(r, "clean"))
+                     for r, *_ in runs}
+            sec = [[t[1] for t in clean.values() if t], [t[1] for t in (train_log(os.path.join(r, "poisoned"))
+                                                                         for r, *_ in runs) if t]]
+            time = ", ".join(minutes(statistics.mean(s)) if s else "-" for s in sec)
+            rows.append(f"| {METHOD_NAMES[method]} | {label} | {', '.join(str(run_number(r)) for r, *_ in runs)} | " +
+                        " | ".join(cells[:6]) + f" | {sum(shown(x, y) for x, y in zip(c, b))} of {len(runs)} | "
+                        f"{cells[6]} | {time} |")
+            each[f"{method}, {label}"] = [r for r, *_ in runs]
+    return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) if each else "")
+
+
 def hardware():
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
@@ -404,7 +454,8 @@ def readme(path, root):
               "defense": lambda: defense_table(os.path.join(root, "defense")),
               "badencoder": lambda: badencoder_table(os.path.join(root, "badencoder")),
               "patchsearch": lambda: patchsearch_table(os.path.join(root, "patchsearch")),
-              "triggers": lambda: triggers_table(root)}
+              "triggers": lambda: triggers_table(root),
+              "knobs": lambda: knobs_table(root)}
     for name, make in makers.items():
         text = re.sub(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", lambda m: m.group(1) + make() + "\n" + m.group(2),
                       text, flags=re.S)
@@ -414,7 +465,8 @@ def readme(path, root):
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
     commands = {"pair": pair, "runs": runs_table, "main": main_table, "details": details_table, "defense": defense_table,
-                "badencoder": badencoder_table, "patchsearch": patchsearch_table, "triggers": triggers_table}
+                "badencoder": badencoder_table, "patchsearch": patchsearch_table, "triggers": triggers_table,
+                "knobs": knobs_table}
     if cmd in commands and len(rest) == 1:
         print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:
