@@ -413,7 +413,7 @@ def knobs_table(root):
             "FP | backdoored: patched Acc / FP | backdoored ASR % | patched FP, backdoored - clean | effect shown | patched "
             "-> target centroid %, clean / backdoored | train time: clean model, backdoored per run |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    each = {}
+    each, shown_runs = {}, set()  # the preset's runs shown once for the knobs that share them
     for folder in sorted(glob.glob(os.path.join(root, "knobs", "*"))):
         done = finished(numbered_runs(folder))
         if not done:
@@ -422,8 +422,9 @@ def knobs_table(root):
         base = [x for x in finished(numbered_runs(os.path.join(root, "main", method))) if run_number(x[0]) in numbers]
         preset = run_args(base[0][0]) if base else {}
         for runs, label in ((base, "demo preset"), (done, None)):
-            if not runs:
+            if not runs or tuple(r for r, *_ in runs) in shown_runs:
                 continue
+            shown_runs.add(tuple(r for r, *_ in runs))
             if label is None:
                 args = run_args(runs[0][0])
                 label = ", ".join(f"{k} {args.get(k)}" for k in sorted(set(args) | set(preset))
