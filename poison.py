@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--classes", default=None, help="text file with one class folder name per line to keep (e.g. the ImageNet-100 wnids)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
+    p.add_argument("--reuse", action="store_true", help="keep an existing output folder made with the same flags (nothing "
+                   "is done); one made with other flags is refused, naming them (scripts/quickstart.sh passes this)")
     p.add_argument("--seed", type=int, default=0, help="poison seed: the poisoned subset and the trigger positions")
     p.add_argument("--data-seed", type=int, default=0, help="data seed: the demo images and the labeled subsets, kept "
                    "apart from --seed so that runs with different poison seeds share one data set")
@@ -81,6 +83,32 @@ def parse_args(argv=None):
 
 def fail(msg):
     sys.exit(f"poison.py: error: {msg}")
+
+
+FLAGS_OF_NO_OUTPUT = {"out", "overwrite", "reuse", "workers"}  # they do not change what is written
+
+
+def flags_differ(out, args):
+    """'--flag recorded, not current' for each flag with which the poison.json of an existing OUT was made otherwise
+    (a flag newer than the folder counts as its default); None when OUT holds no readable poison.json."""
+    try:
+        meta = json.load(open(os.path.join(out, "poison.json")))
+        recorded, target = meta["args"], meta["target"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    defaults = vars(parse_args(["--out", out]))
+    differ = []
+    for k, v in vars(args).items():
+        old = recorded.get(k, defaults[k])
+        if k in FLAGS_OF_NO_OUTPUT or old == v:
+            continue
+        if k == "target" and str(0 if v is None else v) in (target["name"], str(target["index"])):
+            continue  # the same class, by name or by index (the demo's default: 0)
+        if k in ("data_root", "classes", "blend_image", "trigger") and old and v and \
+                os.path.realpath(old) == os.path.realpath(v):
+            continue  # the same file or folder, named from another working directory
+        differ.append(f"--{k.replace('_', '-')} {old}, not {v}")
+    return differ
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,7 +430,15 @@ def main(argv=None):
         demo_classes(args.demo_classes)  # check it before anything is written
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
-        fail(f"{out} exists; pass --overwrite to replace it")
+        if not args.reuse:
+            fail(f"{out} exists; pass --overwrite to replace it")
+        differ = flags_differ(out, args)
+        if differ is None:
+            fail(f"{out} exists and holds no readable poison.json (not poison.py's output); pass --overwrite or another --out")
+        if differ:
+            fail(f"{out} exists, made with other flags ({'; '.join(differ)}); pass --overwrite or another --out")
+        print(f"poison.py: {out}: made with the same flags, kept")
+        return None
     parent, base = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
     for name in os.listdir(parent):  # temporary folders of killed runs (their owner process is gone)

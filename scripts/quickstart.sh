@@ -23,7 +23,7 @@
 #           list (e.g. patchsearch.py's train_filtered.txt), probed against each folder's lists and target: OUT/probe for
 #           one folder, OUT/probe_<folder name> for several. No poisoning, no table.
 # Steps whose outputs exist are skipped, so an interrupted run continues (and RUNS can be raised later); delete OUT to
-# start again.
+# start again. A data folder that exists is kept only if made with the same poison.py flags (poison.py --reuse).
 set -euo pipefail
 METHOD=${1:-moco}
 OUT=${2:-runs/quickstart_$METHOD}
@@ -66,8 +66,9 @@ fi
 # The conv-feature methods are probed on a pooled intermediate layer (README, "Jigsaw and RotNet").
 case $METHOD in jigsaw|rotnet) LAYER=layer3 ;; *) LAYER=final ;; esac
 
-poison() {  # poison OUT [flags]: poison.py's output folder (the preset's flags and POISON_EXTRA come last and win)
-  [ -f "$1/poison.json" ] || $PY poison.py --out "$1" "${@:2}" $DATA_FLAGS ${POISON_EXTRA:-}
+poison() {  # poison OUT [flags]: poison.py's output folder (the preset's flags and POISON_EXTRA come last and win);
+  # an existing one is kept if made with the same flags, and refused otherwise (a shared DATA_DIR, another POISON_EXTRA)
+  $PY poison.py --out "$1" --reuse "${@:2}" $DATA_FLAGS ${POISON_EXTRA:-}
 }
 pretrain() {  # pretrain TRAIN_LIST OUT SEED: SSL pre-training, resumed if interrupted, skipped when done
   if [ ! -f "$2/done" ]; then

@@ -199,6 +199,22 @@ def test_bad_inputs(tmp_path, demo):
     assert "1.JPEG" in line and not (tmp_path / "o").exists()
 
 
+def test_reuse_keeps_a_folder_of_the_same_flags_and_names_the_flags_that_differ(demo):
+    before = {p: os.path.getmtime(p) for p in glob.glob(str(demo / "**"), recursive=True)}
+    for target in ("1", "crosses"):  # the demo's class 1, by index and by name; --workers writes nothing different
+        proc = run("poison.py", "--out", demo, "--reuse", "--target", target, "--rate", "0.5", *TINY, "--workers", "2")
+        assert "made with the same flags, kept" in proc.stdout
+    line = error_of(run("poison.py", "--out", demo, "--reuse", "--target", "1", "--rate", "1.0", "--trigger-seed", "11",
+                        *TINY, check=False))
+    assert str(demo) in line and "--rate 0.5, not 1.0" in line and "--trigger-seed 10, not 11" in line
+    assert "--target" not in line and "--workers" not in line
+    assert "made with other flags" in error_of(run("poison.py", "--out", demo, "--reuse", *TINY, check=False))  # target 0
+    assert {p: os.path.getmtime(p) for p in glob.glob(str(demo / "**"), recursive=True)} == before  # nothing rewritten
+    (demo.parent / "not_poison").mkdir()
+    line = error_of(run("poison.py", "--out", demo.parent / "not_poison", "--reuse", *TINY, check=False))
+    assert "not_poison" in line and "no readable poison.json" in line
+
+
 def test_overwrite_replaces_only_when_complete(tmp_path):
     out = tmp_path / "o"
     poison.main(["--out", str(out), *TINY])

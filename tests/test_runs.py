@@ -113,6 +113,9 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("epoch 1/1") == 1  # only run 1's backdoored model is trained
     assert os.path.getmtime(out / "clean" / "checkpoint.pt") == clean_mtime
+    other = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "2", "POISON_EXTRA": env["POISON_EXTRA"] + " --rate 0.5"},
+                           capture_output=True, text=True, timeout=600)  # the same OUT/data with another poison rate
+    assert other.returncode != 0 and "--rate 1.0, not 0.5" in other.stderr and "epoch" not in other.stdout
     metas = [json.load(open(out / "data" / f"run{r}" / "poison.json")) for r in (0, 1)]
     assert [m["target"]["index"] for m in metas] == [runs.target(0, 3), runs.target(1, 3)]
     assert [m["trigger"]["seed"] for m in metas] == [10, 11] and [m["seed"] for m in metas] == [0, 1]
