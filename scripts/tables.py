@@ -129,11 +129,14 @@ def shown(clean, backdoored):
 def verdict(clean, backdoored):
     ratio = backdoored["fp_patched"] / max(clean["fp_patched"], 1)
     extra = 100 * (backdoored["fp_patched"] - clean["fp_patched"]) / clean["n_patched_nontarget"]
+    method = backdoored.get("method") if backdoored.get("method") in PAPER else "moco"
+    p = PAPER[method]  # the paper's patched FP of 4,950 non-target val images: clean model p[3], backdoored p[7]
     return (f"Backdoor effect: patched-val FP {backdoored['fp_patched']} (backdoored) vs {clean['fp_patched']} (clean "
-            f"model) = {ratio:.1f}x, {extra:+.1f}% of the non-target images (paper, MoCo v2 on ImageNet-100: 20x, "
-            f"+8.9%). " + ("Shown (at least 3x and +5%, both models well above chance)." if shown(clean, backdoored) else
-                          "NOT shown (needs at least 3x and +5%, both models well above chance): at this budget the "
-                          "numbers do not reproduce the paper."))
+            f"model) = {ratio:.1f}x, {extra:+.1f}% of the non-target images (paper, {METHOD_NAMES[method]} on "
+            f"ImageNet-100: {p[7] / p[3]:.1f}x, {100 * (p[7] - p[3]) / 4950:+.1f}%). " +
+            ("Shown (at least 3x and +5%, both models well above chance)." if shown(clean, backdoored) else
+             "NOT shown (needs at least 3x and +5%, both models well above chance): at this budget the numbers do not "
+             "reproduce the paper."))
 
 
 def run_number(folder):

@@ -65,6 +65,9 @@ def test_tables_from_known_metrics(tmp_path):
     assert "NOT shown" in tables.verdict({**clean, "acc_clean": 20.0}, {"fp_patched": 36, "acc_clean": 60.0})  # chance 12.5
     assert "NOT shown" in tables.verdict(clean, {"fp_patched": 35, "acc_clean": 60.0})  # 2.9x
     assert "NOT shown" in tables.verdict({**clean, "fp_patched": 0}, {"fp_patched": 4, "acc_clean": 60.0})  # 4x, +1.1%
+    assert "(paper, MoCo v2 on ImageNet-100: 20.2x, +8.9%)" in tables.verdict(clean, {"fp_patched": 36, "acc_clean": 60.0})
+    byol = tables.verdict(clean, {"fp_patched": 36, "acc_clean": 60.0, "method": "byol"})  # the run's method's paper row
+    assert "(paper, BYOL on ImageNet-100: 93.7x, +28.8%)" in byol  # 1442.3 vs 15.4 of 4,950
     main = tables.main_table(tmp_path / "main")
     assert "| moco | paper | 49.9 / 23.0 | 47.0 / 22.8 | 50.1 / 27.6 | 42.5 / 461.1 | 9.3 |" in main
     # two seeds: mean ± sample standard deviation (FP 70 and 140 -> 105.0 ± 49.5; ASR 20 and 40 -> 30.0 ± 14.1)
