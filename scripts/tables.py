@@ -430,7 +430,7 @@ def knobs_table(root):
             shown_runs.add(tuple(r for r, *_ in runs))
             if label is None:
                 args = run_args(runs[0][0])
-                label = ", ".join(f"{k} {args.get(k)}" for k in sorted(set(args) | set(preset))
+                label = ", ".join(f"{k.replace('_', ' ')} {args.get(k)}" for k in sorted(set(args) | set(preset))
                                   if args.get(k) != preset.get(k)) or "demo preset"
             _, c, b, fs = map(list, zip(*runs))
             cells = pair_cells(c, b, fs)

@@ -264,11 +264,12 @@ def test_another_trigger_family_without_the_clean_model_is_one_clear_line(tmp_pa
 
 
 def test_knobs_table_puts_each_setting_below_the_presets_runs_of_the_same_r(tmp_path):
-    """MoCo runs 0-2 at the preset (20 epochs), knob folders with runs 0-1 at 40 and 60 epochs and their own clean
-    models: the preset's row keeps runs 0 and 1 and comes once, each knob's row is labelled by the one flag that differs."""
+    """MoCo runs 0-2 at the preset (20 epochs), knob folders with runs 0-1 at 40 epochs and at 60 epochs with a queue of
+    256, with their own clean models: the preset's row keeps runs 0 and 1 and comes once, each knob's row is labelled by
+    every flag that differs (in words: queue_size -> 'queue size')."""
     def trainer_log(epochs, seconds):
         return "".join(json.dumps(r) + "\n" for r in [
-            {"args": {"image_size": 32, "epochs": epochs, "queue_size": 128, "out": "x", "seed": 0}},
+            {"args": {"image_size": 32, "epochs": epochs, "queue_size": 256 if epochs == 60 else 128, "out": "x", "seed": 0}},
             {"epoch": epochs, "seconds": seconds, "images_per_s": 90.0}])
 
     for folder, epochs, pairs in (("main/moco", 20, [(10, 60), (0, 5), (20, 200)]), ("knobs/moco_e40", 40, [(4, 8), (2, 90)]),
@@ -289,11 +290,11 @@ def test_knobs_table_puts_each_setting_below_the_presets_runs_of_the_same_r(tmp_
         "40.5 ± 0.7 / 32.5 ± 38.9 | 9.3 ± 11.1 | 27.5 ± 31.8 | 1 of 2 | - | 10.0 min, 7.5 min |",
         "| MoCo v2 | epochs 40 | 0, 1 | 60.0 ± 0.0 / 5.0 ± 0.0 | 50.0 ± 0.0 / 3.0 ± 1.4 | 62.0 ± 0.0 / 6.0 ± 0.0 | "
         "40.5 ± 0.7 / 49.0 ± 58.0 | 14.0 ± 16.6 | 46.0 ± 59.4 | 1 of 2 | - | 20.0 min, 15.0 min |",
-        "| MoCo v2 | epochs 60 | 0, 1 | 60.0 ± 0.0 / 5.0 ± 0.0 | 50.0 ± 0.0 / 3.0 ± 1.4 | 62.0 ± 0.0 / 6.0 ± 0.0 | "
+        "| MoCo v2 | epochs 60, queue size 256 | 0, 1 | 60.0 ± 0.0 / 5.0 ± 0.0 | 50.0 ± 0.0 / 3.0 ± 1.4 | 62.0 ± 0.0 / 6.0 ± 0.0 | "
         "40.5 ± 0.7 / 49.0 ± 58.0 | 14.0 ± 16.6 | 46.0 ± 59.4 | 1 of 2 | - | 30.0 min, 22.5 min |"]  # the preset once
     assert [r.split(" | ")[:2] for r in details.splitlines()[2:]] == [
         ["| moco, demo preset", "0"], ["| moco, demo preset", "1"], ["| moco, epochs 40", "0"], ["| moco, epochs 40", "1"],
-        ["| moco, epochs 60", "0"], ["| moco, epochs 60", "1"]]
+        ["| moco, epochs 60, queue size 256", "0"], ["| moco, epochs 60, queue size 256", "1"]]
     readme = tmp_path / "README.md"
     readme.write_text("<!-- BEGIN knobs -->\nold\n<!-- END knobs -->\n")
     tables.readme(str(readme), str(tmp_path))
