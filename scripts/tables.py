@@ -398,7 +398,7 @@ def triggers_table(root):
 
 
 RUN_ARGS = {"train_list", "out", "seed", "resume", "workers", "save_every", "log_every", "target", "trigger_seed",
-            "overwrite", "device"}  # what differs between two runs of one setting
+            "overwrite", "device", "reuse"}  # what differs between two runs of one setting, or only how they are written
 
 
 def run_args(run):

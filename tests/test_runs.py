@@ -266,7 +266,7 @@ def test_another_trigger_family_without_the_clean_model_is_one_clear_line(tmp_pa
 def test_knobs_table_puts_each_setting_below_the_presets_runs_of_the_same_r(tmp_path):
     """MoCo runs 0-2 at the preset (20 epochs), knob folders with runs 0-1 at 40 epochs and at 60 epochs with a queue of
     256, with their own clean models: the preset's row keeps runs 0 and 1 and comes once, each knob's row is labelled by
-    every flag that differs (in words: queue_size -> 'queue size')."""
+    every flag that differs (in words: queue_size -> 'queue size'), not by how poison.py wrote its data (--reuse)."""
     def trainer_log(epochs, seconds):
         return "".join(json.dumps(r) + "\n" for r in [
             {"args": {"image_size": 32, "epochs": epochs, "queue_size": 256 if epochs == 60 else 128, "out": "x", "seed": 0}},
@@ -282,7 +282,8 @@ def test_knobs_table_puts_each_setting_below_the_presets_runs_of_the_same_r(tmp_
             write(run / "clean" / "probe", "metrics.json", metrics(60.0, 5, 50.0, cfp))
             write(run / "poisoned" / "probe", "metrics.json", metrics(62.0, 6, 40.0 + r, bfp))
             write(run / "poisoned", "log.jsonl", trainer_log(epochs, 300.0 * (r + 1) * epochs / 20))
-            write(run / "data", "poison.json", {"args": {"rate": 1.0, "target": r, "trigger_seed": 10 + r, "out": "y"},
+            write(run / "data", "poison.json", {"args": {"rate": 1.0, "target": r, "trigger_seed": 10 + r, "out": "y",
+                                                         "reuse": folder != "main/moco"},  # not a setting
                                                 "trigger": {"kind": "htba", "seed": 10 + r}})
     table, details = tables.knobs_table(str(tmp_path)).split("\n\nEvery run:\n\n")
     assert table.splitlines()[2:] == [  # preset: 6x, +14.3% (shown), then 5 vs 0 (+1.4%); knob: 2x, then 45x, +25.1%
