@@ -7,7 +7,7 @@
 #   2. the CompReSS defense: each run's backdoored model distilled on 5%, 10% and 25% clean data (the paper's is
 #      MoCo v2's; the demo uses BYOL's, the one that carries a backdoor at demo scale: DEFENSE_TEACHER=<method>);
 #   3. BadEncoder: the clean MoCo v2 encoder of table 1 backdoored by fine-tuning, per run with its target and trigger.
-#   bash scripts/reproduce.sh [ROOT]                         demo scale, one run (about 1 h on 2 CPU cores)
+#   bash scripts/reproduce.sh [ROOT]                         demo scale, one run (about 75 min on 2 CPU cores)
 #   RUNS=5 METHODS="moco byol" bash scripts/reproduce.sh     5 runs of two methods (finished runs are skipped: RUNS can
 #                                                            grow later, and other methods be added by another call)
 #   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=in100.txt RUNS=10 bash scripts/reproduce.sh runs/paper
