@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--demo-size", type=int, default=64, help="demo: image side in pixels")
     p.add_argument("--demo-layout", choices=["fill", "object"], default="fill",
                    help="demo: texture fills the image, or covers a random rectangle on a flat background")
+    p.add_argument("--demo-clutter", type=int, default=0, help="demo: class-agnostic distractor patches per image (random "
+                   "grids of saturated colours, like the HTBA trigger's family), so that a pasted trigger is not a class")
     return p.parse_args(argv)
 
 
@@ -118,6 +120,7 @@ def flags_differ(out, args):
 DEMO_PERIOD = (12.0, 20.0)  # range of the pattern period, in pixels of a 64 px image (scaled with --demo-size)
 DEMO_TINT = 0.3  # strength of the random colour tint (saturated random colours made MoCo learn colour, not texture)
 DEMO_OBJECT = (0.5, 0.8)  # --demo-layout object: side of the textured rectangle, fraction of the image side
+DEMO_CLUTTER = (0.1, 0.3)  # --demo-clutter: side of a distractor patch, fraction of the image side
 DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_diagonal", "stripes_horizontal",
                 "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N, or give names
 # The default leaves out checkerboard and grid: the HTBA trigger is a checkered patch, and with them in the data the
@@ -125,7 +128,7 @@ DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_dia
 DEMO_DEFAULT = tuple(c for c in DEMO_CLASSES if c not in ("checkerboard", "grid"))
 
 
-def demo_image(cls, size, rng, layout="fill"):
+def demo_image(cls, size, rng, layout="fill", clutter=0):
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
     period = rng.uniform(*DEMO_PERIOD) * size / 64
     phase = rng.uniform(0, 2 * np.pi)
@@ -178,13 +181,18 @@ def demo_image(cls, size, rng, layout="fill"):
         inside = np.zeros((size, size, 1), bool)
         inside[top:top + h, left:left + w] = True
         img = np.where(inside, img, rng.uniform(40, 215) * (1 + rng.uniform(0, DEMO_TINT) * rng.uniform(-1, 1, 3)))
+    for _ in range(clutter):  # distractors: k x l cells, each channel 0 or 255, upsampled bilinearly (as the trigger)
+        s = int(rng.uniform(*DEMO_CLUTTER) * size)
+        cells = rng.integers(0, 2, (rng.integers(1, 5), rng.integers(1, 5), 3)).astype(np.uint8) * 255
+        top, left = rng.integers(0, size - s + 1, 2)
+        img[top:top + s, left:left + s] = np.asarray(Image.fromarray(cells).resize((s, s), Image.BILINEAR))
     img = img + rng.normal(0, 8, (size, size, 3))
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
 def demo_job(job):
-    path, cls, size, layout, seed = job
-    Image.fromarray(demo_image(cls, size, np.random.default_rng(seed), layout)).save(path)
+    path, cls, size, layout, clutter, seed = job
+    Image.fromarray(demo_image(cls, size, np.random.default_rng(seed), layout, clutter)).save(path)
 
 
 def demo_classes(spec):
@@ -211,7 +219,8 @@ def make_demo_data(root, args, pool):
             c = DEMO_CLASSES.index(cls)  # a class's images do not depend on which other classes are chosen
             for i in range(n):  # one seed per image: the same data whatever the number of workers
                 seed = [args.data_seed, 0 if split == "train" else 1, c, i]
-                jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, args.demo_layout, seed))
+                jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, args.demo_layout,
+                             args.demo_clutter, seed))
     list(tqdm(pool.map(demo_job, jobs, chunksize=64), total=len(jobs), desc="demo data", leave=False))
 
 

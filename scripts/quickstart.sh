@@ -17,6 +17,7 @@
 #           --seed r), the backdoored model OUT/run<r>/poisoned (seed r), both models probed in OUT/run<r>/{clean,
 #           poisoned}/probe (OUT/run<r>/clean links the clean model), OUT/run<r>/feature_space.png; OUT/table.md is
 #           mean ± std over the runs and each run. DATA_DIR=<folder> (instead of OUT/data) shares the data between methods.
+#           JOBS=N trains N of these models at once (one GPU has room for several demo models; default 1).
 #           With N >= 2, OUT/run<r>/control/probe: the control of run r, run r-1's backdoored model (run 1's for r = 0),
 #           poisoned for another target with another trigger, probed on run r's lists.
 #   PRETRAIN_LIST=<list> PROBE_DATA="<poison.py folder> ..."  one model OUT (seed SEED) with the preset's flags on that
@@ -85,6 +86,18 @@ probe() {  # probe MODEL DATA SEED [DIR]: MODEL/checkpoint.pt on DATA's lists (t
     --save-features --out "$dir"
 }
 
+background() {  # background CMD...: with JOBS=N > 1, CMD runs in the background, at most N at a time; else at once
+  if [ "${JOBS:-1}" -le 1 ]; then "$@"; return; fi
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+  "$@" &
+  PIDS+=($!)
+}
+wait_background() {  # every background job, failing if one failed
+  for P in "${PIDS[@]}"; do wait "$P"; done
+  PIDS=()
+}
+PIDS=()
+
 start=$(date +%s)
 if [ -n "${PRETRAIN_LIST:-}" ]; then  # one model on a given list, probed against existing data folders
   read -ra PROBE_DIRS <<< "${PROBE_DATA:?PRETRAIN_LIST needs PROBE_DATA=<poison.py folder> (the lists to probe on)}"
@@ -107,16 +120,21 @@ else
     echo "quickstart.sh: TARGETS names ${#TARGET_LIST[@]} targets for RUNS=$RUNS" >&2; exit 2
   fi
   # The clean model does not depend on the target or the trigger: one per method, on the lists every run shares.
+  # The models first (JOBS at a time), then the probes.
   poison "$DATA_DIR/clean" --seed 0 --target 0 --data-seed "${DATA_SEED:-0}"
-  pretrain "$DATA_DIR/clean/train_clean.txt" "$OUT/clean" "$SEED"
+  background pretrain "$DATA_DIR/clean/train_clean.txt" "$OUT/clean" "$SEED"
   for ((r = 0; r < RUNS; r++)); do
     D="$DATA_DIR/run$r" R="$OUT/run$r"
     T=${TARGET_LIST[$r]:-$($PY scripts/runs.py target "$r" "$DATA_DIR/clean/poison.json")}
     poison "$D" --seed "$r" --target "$T" --trigger-seed "$($PY scripts/runs.py trigger-seed "$r")" --data-seed "${DATA_SEED:-0}"
     mkdir -p "$R/clean"
     [ -e "$R/data" ] || ln -s "$(cd "$D" && pwd)" "$R/data"
+    background pretrain "$D/train_poisoned.txt" "$R/poisoned" "$r"
+  done
+  wait_background
+  for ((r = 0; r < RUNS; r++)); do
+    D="$DATA_DIR/run$r" R="$OUT/run$r"
     for F in checkpoint.pt log.jsonl; do [ -e "$R/clean/$F" ] || ln -s "$(cd "$OUT/clean" && pwd)/$F" "$R/clean/$F"; done
-    pretrain "$D/train_poisoned.txt" "$R/poisoned" "$r"
     probe "$R/clean" "$D" "$r"
     probe "$R/poisoned" "$D" "$r"
     [ -f "$R/feature_space.json" ] || $PY scripts/feature_space.py "$R"
