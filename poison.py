@@ -437,6 +437,8 @@ def main(argv=None):
         fail("--labeled-fractions must lie in (0, 1]")
     if demo:
         demo_classes(args.demo_classes)  # check it before anything is written
+        if args.demo_clutter < 0:
+            fail(f"--demo-clutter must be 0 or more, got {args.demo_clutter}")
     out = os.path.abspath(args.out)
     if os.path.exists(out) and not args.overwrite:
         if not args.reuse:

@@ -1,6 +1,7 @@
 """poison.py: trigger placement, poison counts and semantics, list formats, seeding, relocation, bad input."""
 import filecmp
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -141,6 +142,21 @@ def test_demo_classes_by_name_give_the_same_images(tmp_path, demo):
     assert not (tmp_path / "named" / "demo_data" / "train" / "crosses").exists()
     line = error_of(run("poison.py", "--out", tmp_path / "bad", "--demo-classes", "dots,zebra", check=False))
     assert "unknown class 'zebra'" in line and not (tmp_path / "bad").exists()
+
+
+def test_demo_clutter_adds_saturated_patches_and_zero_keeps_the_images():
+    """--demo-clutter N paints N grids of saturated colours (channels 0 or 255, as the HTBA trigger) on the texture; with
+    N = 0 the images are exactly those of the plain demo data (the hash of one image, fixed)."""
+    plain = poison.demo_image("dots", 64, np.random.default_rng([0, 0, 2, 3]))
+    assert hashlib.sha256(plain.tobytes()).hexdigest() == "dd6b4be81ad46ffb041c6270ae44589b67ec1c02a4a7cadc624844ccd385f130"
+    for n, lo, hi in ((0, 0.0, 0.0), (3, 0.02, 0.3)):  # share of pixels with a channel spread above 150 (textures: none)
+        for i in range(5):
+            img = poison.demo_image("waves", 64, np.random.default_rng([0, 0, 8, i]), clutter=n).astype(int)
+            assert lo <= ((img.max(2) - img.min(2)) > 150).mean() <= hi, (n, i)
+    again = poison.demo_image("waves", 64, np.random.default_rng([0, 0, 8, 0]), clutter=3)
+    assert np.array_equal(again, poison.demo_image("waves", 64, np.random.default_rng([0, 0, 8, 0]), clutter=3))
+    line = error_of(run("poison.py", "--out", "/nonexistent/x", "--demo-clutter", "-1", check=False))
+    assert "--demo-clutter" in line
 
 
 def test_lists_resolve_after_moving_the_folder(tmp_path, demo):
