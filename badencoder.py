@@ -2,7 +2,7 @@
 
 Paper: https://arxiv.org/abs/2108.00352  Reference code: https://github.com/jinyuan-jia/BadEncoder (badencoder.py)
 
-Consumes a clean encoder checkpoint of any script of this project (`--encoder`, DESIGN.md 3.3, ResNet or ViT), an
+Consumes a clean encoder checkpoint of any script of this project (`--encoder`, docs/formats.md, ResNet or ViT), an
 unlabeled shadow file list, reference image(s) of the target class(es) and a trigger per reference (or one shared).
 Produces, in `--out`, checkpoint.pt (method "badencoder": the backdoored backbone f' in the source's format, plus
 "source", "trigger" and the training state for --resume) and log.jsonl (one JSON record per epoch: loss, l0, l1, l2).
@@ -196,7 +196,7 @@ def main(argv=None):
     references = [ref_list[i][0] for i in range(len(ref_list))]
     triggers = load_triggers(args, size, len(references))
     views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity)
-    memory_format = torch.channels_last if src["arch"] != "vit" else torch.contiguous_format  # README, "Throughput"
+    memory_format = torch.channels_last if src["arch"] != "vit" else torch.contiguous_format  # docs/benchmarks.md
     normalised = lambda x, augment=None, params=None: to_device(x, device, memory_format, src["mean"], src["std"],
                                                                 augment, params)
     ref = normalised(torch.stack([views.uint8(r) for r in references]))
@@ -450,7 +450,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

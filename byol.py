@@ -4,7 +4,7 @@ Papers: BYOL https://arxiv.org/abs/2006.07733; the attack paper https://arxiv.or
 UMBCvision/SSL-Backdoor byol/ (a fork of htdt/self-supervised). The recipe is that code's, not the BYOL paper's.
 
 Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (DESIGN.md 3.3: the online backbone with torchvision key names, plus the training state for --resume)
+checkpoint.pt (docs/formats.md: the online backbone with torchvision key names, plus the training state for --resume)
 and log.jsonl (one JSON record per epoch).
 Recipe (defaults = the paper's ImageNet-100 run): ResNet-18, projector 512-1024(BN, ReLU)-128, predictor
 128-1024(BN, ReLU)-128; target = EMA of the online backbone + projector (parameters only), tau from 0.99 to 1 on a
@@ -132,7 +132,7 @@ def main(argv=None):
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
     model = BYOL(args.arch, arch_kwargs, args.hidden, args.dim).to(device)
-    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]  # online backbone, projector and predictor
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -382,7 +382,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

@@ -4,7 +4,7 @@
 Papers: CompReSS https://arxiv.org/abs/2010.14713 (NeurIPS 2020); the attack paper https://arxiv.org/abs/2105.10123.
 Reference code: UMBCvision/CompRess train_student.py (2q, momentum student) and train_student_one_queue.py (1q).
 
-Consumes a teacher checkpoint of any script of this project (DESIGN.md 3.3: frozen, eval mode, pooled backbone feature)
+Consumes a teacher checkpoint of any script of this project (docs/formats.md: frozen, eval mode, pooled backbone feature)
 and a clean file list (poison.py's train_labeled_{5,10,25}pct.txt; labels are ignored). Produces, in `--out`,
 checkpoint.pt (method "compress": the student backbone with torchvision key names, the teacher it came from, plus the
 training state for --resume) and log.jsonl (one JSON record per epoch).
@@ -146,7 +146,7 @@ def main(argv=None):
     K = min(args.bank_size, len(samples))  # a bank larger than the data holds stale copies of the same images
     arch_kwargs = {"small_stem": args.small_stem}
     model = CompReSS(teacher, tckpt["feature_dim"], args.arch, arch_kwargs, args.variant, K, args.alpha, args.tau).to(device)
-    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]  # the student (and fc in 1q) only
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -326,7 +326,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

@@ -5,7 +5,7 @@ https://arxiv.org/abs/1603.09246; the attack paper https://arxiv.org/abs/2105.10
 UMBCvision/SSL-Backdoor jigsaw/ (its own PyTorch port of Noroozi & Favaro's CFN with a ResNet-18 trunk).
 
 Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (DESIGN.md 3.3: the trunk with torchvision key names, evaluated on full `--image-size` images as the
+checkpoint.pt (docs/formats.md: the trunk with torchvision key names, evaluated on full `--image-size` images as the
 reference does; "perms" = the permutation set; the training state for --resume) and log.jsonl (one record per epoch).
 Recipe (defaults = the paper's ImageNet-100 run): Resize 256 -> RandomCrop 255 -> 3x3 cells of 85 px -> a random 64 px
 tile per cell; grayscale with p 0.5, else a fixed colour projection with p 0.5; tile k goes to slot perm[k] of one of
@@ -163,7 +163,7 @@ def main(argv=None):
     perms = ckpt["perms"] if ckpt else hamming_permutations(args.num_perms, args.seed)
     arch_kwargs = {"small_stem": args.small_stem}
     model = Jigsaw(args.arch, arch_kwargs, args.num_perms).to(device)
-    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
     start = 0
@@ -336,7 +336,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

@@ -4,12 +4,12 @@ Paper: Saha et al., "Backdoor Attacks on Self-Supervised Learning", CVPR 2022, h
 (evaluation protocol of CompReSS, https://arxiv.org/abs/2010.14713, which the paper's linear evaluation uses), and the
 downstream classifier of Jia et al., "BadEncoder", IEEE S&P 2022, https://arxiv.org/abs/2108.00352 (`--classifier mlp`).
 
-Consumes an encoder checkpoint of any script of this project (DESIGN.md 3.3), a small labeled train list and the clean
+Consumes an encoder checkpoint of any script of this project (docs/formats.md), a small labeled train list and the clean
 and patched validation lists of poison.py. Extracts features once (clean: Resize + CenterCrop, or nothing when every
 image already has the crop size, as poison.py's patched val, which is used as is), trains the classifier, and writes
 to `--out`: metrics.json (Acc, target TP/FP, ASR on clean and patched val), per_class.csv, confusion_{clean,patched}.npy
 (rows = true class, columns = prediction) and classifier.pt (weights + feature normalisation).
-`--protocol`: one row of PROTOCOLS, each reference's own linear evaluation (README); explicit flags override it. Default
+`--protocol`: one row of PROTOCOLS, each reference's own linear evaluation (docs/methods.md); explicit flags override it. Default
 `demo`: CompReSS/MoCo's (L2-normalise, standardise, Linear; SGD 0.01, 40 epochs) on cached center-crop features.
 """
 import argparse
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--target", default=None, help="target class (index or name); default: from poison.json beside the patched list")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--protocol", choices=list(PROTOCOLS), default=None, help="evaluation protocol, one row of PROTOCOLS "
-                   "(README); the flags below override it; default: demo (badencoder with --classifier mlp)")
+                   "(docs/methods.md); the flags below override it; default: demo (badencoder with --classifier mlp)")
     p.add_argument("--layer", default=None, choices=["final", *POOL], help="feature: pooled final feature (cls token for "
                    "ViT), or a ResNet tap average-pooled to 12/12/8/6/4 (Jigsaw/RotNet conv-linear protocol)")
     p.add_argument("--classifier", choices=["linear", "mlp"], default=None, help="linear, or BadEncoder's MLP "
@@ -267,7 +267,7 @@ def confusion(pred, labels, num_classes):
 
 
 def metrics(cm_clean, cm_patched, target):
-    """Acc, TP_t = C[t, t], FP_t = column sum - diagonal, ASR = FP_patched / non-target patched images (DESIGN.md 3.4)."""
+    """Acc, TP_t = C[t, t], FP_t = column sum - diagonal, ASR = FP_patched / non-target patched images (docs/formats.md)."""
     out = {}
     for name, cm in (("clean", cm_clean), ("patched", cm_patched)):
         out[f"acc_{name}"] = 100.0 * np.trace(cm) / cm.sum()
@@ -487,7 +487,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

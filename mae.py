@@ -4,7 +4,7 @@ Papers: MAE https://arxiv.org/abs/2111.06377; the attack paper https://arxiv.org
 facebookresearch/mae (models_mae.py, main_pretrain.py, util/pos_embed.py, util/lr_sched.py).
 
 Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (DESIGN.md 3.3: arch "vit", the state dict of a torchvision VisionTransformer without `heads`; the
+checkpoint.pt (docs/formats.md: arch "vit", the state dict of a torchvision VisionTransformer without `heads`; the
 decoder lives only in the training state for --resume) and log.jsonl (one JSON record per epoch).
 Recipe (defaults = the paper's / PRETRAIN.md): ViT-B/16 at 224 px, decoder 8 blocks x 512 wide x 16 heads, 75% of the
 patches masked per sample, MSE on the masked patches of per-patch normalised pixels, fixed 2-D sin-cos position
@@ -365,7 +365,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

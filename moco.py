@@ -4,7 +4,7 @@ Papers: MoCo v2 https://arxiv.org/abs/2003.04297 (MoCo https://arxiv.org/abs/191
 https://arxiv.org/abs/2105.10123. Reference code: UMBCvision/SSL-Backdoor moco/ (a fork of facebookresearch/moco).
 
 Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (DESIGN.md 3.3: the query backbone with torchvision key names, plus the training state for --resume)
+checkpoint.pt (docs/formats.md: the query backbone with torchvision key names, plus the training state for --resume)
 and log.jsonl (one JSON record per epoch).
 Recipe (defaults = the paper's ImageNet-100 run): ResNet-18, MLP head 512-512-128 without BN, queue K = 65,536,
 tau = 0.2, key momentum m = 0.999 (parameters only), SGD lr 0.06 momentum 0.9 wd 1e-4 (on every parameter),
@@ -142,7 +142,7 @@ def main(argv=None):
     arch_kwargs = {"small_stem": args.small_stem}
     model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits, args.bn_batch)
     model = model.to(device)
-    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
@@ -390,7 +390,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

@@ -4,7 +4,7 @@ Papers: MSF https://arxiv.org/abs/2105.07269 (ICCV 2021); the attack paper https
 Reference code: UMBCvision/MSF train_msf.py and run_msf.sh (the attack paper shared only MSF models, not code).
 
 Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (DESIGN.md 3.3: the online backbone with torchvision key names, plus the training state for --resume)
+checkpoint.pt (docs/formats.md: the online backbone with torchvision key names, plus the training state for --resume)
 and log.jsonl (one JSON record per epoch).
 Recipe (defaults = the reference's 200-epoch run): ResNet-18, projector 512-1024(BN, ReLU)-128, predictor
 128-1024(BN, ReLU)-128; target = EMA of the online backbone + projector (m = 0.99 constant, parameters only, applied
@@ -150,7 +150,7 @@ def main(argv=None):
     K = min(args.bank_size, per_epoch)
     arch_kwargs = {"small_stem": args.small_stem}
     model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk).to(device)
-    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
                                 weight_decay=args.weight_decay)
@@ -400,7 +400,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

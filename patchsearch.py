@@ -4,7 +4,7 @@ Paper: Tejankar et al., "Defending Against Patch-based Backdoor Attacks on Self-
 https://arxiv.org/abs/2304.01482  Reference code: UCDvision/PatchSearch (patch_search_iterative_search.py and
 patch_search_poison_classifier.py, with the settings of its run_pipeline.sh).
 
-Consumes an encoder checkpoint trained on poisoned data (DESIGN.md 3.3) and that poisoned train list. Produces, in `--out`:
+Consumes an encoder checkpoint trained on poisoned data (docs/formats.md) and that poisoned train list. Produces, in `--out`:
 train_filtered.txt (the list without the flagged images, paths relative to --out), poison_scores.csv (the images the
 search scored), top_ranked.png (the highest-scored images, their candidate window boxed), summary.json (counts, settings,
 and poison recall / precision when poison.json of poison.py sits beside the list).
@@ -488,7 +488,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

@@ -115,8 +115,8 @@ def flags_differ(out, args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Demo data: textures that fill the image, so class evidence survives random crops; random colours, phases, scales
-# and orientation jitter, so that neither colour nor position gives the class away (DESIGN.md section 5).
-# The knobs below are the ones that were tuned (README, "Demo data"); change them here.
+# and orientation jitter, so that neither colour nor position gives the class away (docs/methods.md).
+# The knobs below are the ones that were tuned (docs/methods.md, "Demo data"); change them here.
 DEMO_PERIOD = (12.0, 20.0)  # range of the pattern period, in pixels of a 64 px image (scaled with --demo-size)
 DEMO_TINT = 0.3  # strength of the random colour tint (saturated random colours made MoCo learn colour, not texture)
 DEMO_OBJECT = (0.5, 0.8)  # --demo-layout object: side of the textured rectangle, fraction of the image side
@@ -124,7 +124,7 @@ DEMO_CLUTTER = (0.1, 0.3)  # --demo-clutter: side of a distractor patch, fractio
 DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_diagonal", "stripes_horizontal",
                 "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N, or give names
 # The default leaves out checkerboard and grid: the HTBA trigger is a checkered patch, and with them in the data the
-# patched images of every model go to grid or checkerboard, so no backdoor effect can show (README, "Demo data").
+# patched images of every model go to grid or checkerboard, so no backdoor effect can show (docs/methods.md, "Demo data").
 DEMO_DEFAULT = tuple(c for c in DEMO_CLASSES if c not in ("checkerboard", "grid"))
 
 

@@ -5,7 +5,7 @@ https://arxiv.org/abs/1803.07728; the attack paper https://arxiv.org/abs/2105.10
 UMBCvision/SSL-Backdoor rotnet/ (a fork of gidariss/FeatureLearningRotNet).
 
 Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (DESIGN.md 3.3: the backbone with torchvision key names, plus the training state for --resume) and
+checkpoint.pt (docs/formats.md: the backbone with torchvision key names, plus the training state for --resume) and
 log.jsonl (one JSON record per epoch).
 Recipe (defaults = the paper's ImageNet-100 run): RandomResizedCrop (scale 0.08-1) + flip; every image enters the batch
 in its 4 rotations (0, 90, 180, 270 degrees counter-clockwise, labels 0-3), so a batch of 128 images is 512 samples
@@ -88,7 +88,7 @@ def main(argv=None):
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
     model = RotNet(args.arch, arch_kwargs).to(device)
-    memory_format = torch.channels_last  # faster on GPU, and on CPU too (README, "Throughput")
+    memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
@@ -260,7 +260,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (no code runs) and check the contract of DESIGN.md 3.3."""
+    """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such checkpoint")
     try:

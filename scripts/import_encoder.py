@@ -1,4 +1,4 @@
-"""scripts/import_encoder.py: published encoder weights -> an encoder checkpoint of this project (DESIGN.md 3.3).
+"""scripts/import_encoder.py: published encoder weights -> an encoder checkpoint of this project (docs/formats.md).
 
 Consumes a weights file that someone else pre-trained (a torchvision resnet50-*.pth or vit_b_16-*.pth, MoCo v1/v2/v3,
 SSL-Backdoor or solo-learn checkpoints): a bare state dict, or one under "state_dict" or "model", with the backbone's

@@ -4,7 +4,7 @@
 #   bash scripts/quickstart.sh [METHOD] [OUT]      METHOD: moco (default), byol, msf, jigsaw, rotnet, mae
 # Environment:
 #   PRESET=demo (default)  built-in demo data, or DATA_ROOT=<folder> [CLASSES=<list>] (your own small data set in the
-#                          ImageNet layout, 32 px crops), small budgets for a 2-core CPU (see README, "Quickstart"); one
+#                          ImageNet layout, 32 px crops), small budgets for a 2-core CPU (see docs/methods.md); one
 #                          linear-probe protocol for every method (linear_probe.py --protocol demo), so the rows compare
 #   PRESET=paper           DATA_ROOT=<ImageNet folder> [CLASSES=<wnid list>]: the paper's recipes (every script's defaults)
 #                          and each method's own reference probe (--protocol METHOD; MSF: moco)
@@ -45,8 +45,8 @@ if [ "$PRESET" = demo ]; then
   # The same CLI for every method; only the budget-dependent values differ from the paper's recipes.
   COMMON="--image-size 32 --workers 0 --save-every 5"
   case $METHOD in
-    moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 128 --m 0.99" ;;  # K = one batch: README, "Quickstart"
-    byol)   FLAGS="--epochs 40 --batch-size 128 --warmup-iters 36 --drop" ;;  # 40: README, "Knob search"
+    moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 128 --m 0.99" ;;  # K = one batch: docs/methods.md, "Demo data"
+    byol)   FLAGS="--epochs 40 --batch-size 128 --warmup-iters 36 --drop" ;;  # 40: docs/results.md, "Knob search"
     msf)    FLAGS="--epochs 20 --batch-size 128 --bank-size 1536" ;;
     jigsaw) FLAGS="--epochs 4 --batch-size 64 --num-perms 100" ;;
     rotnet) FLAGS="--epochs 6 --batch-size 64" ;;
@@ -60,11 +60,11 @@ elif [ "$PRESET" = paper ]; then
   PROBE_LIST=train_labeled_1pct.txt
   COMMON=""
   FLAGS=""
-  PROBE_FLAGS="--protocol ${METHOD/msf/moco}"  # the reference's own evaluation (README, "linear_probe.py"); MSF: CompReSS's
+  PROBE_FLAGS="--protocol ${METHOD/msf/moco}"  # the reference's own evaluation (docs/methods.md); MSF: CompReSS's
 else
   echo "quickstart.sh: unknown PRESET '$PRESET' (demo, paper)" >&2; exit 2
 fi
-# The conv-feature methods are probed on a pooled intermediate layer (README, "Jigsaw and RotNet").
+# The conv-feature methods are probed on a pooled intermediate layer (docs/methods.md, "jigsaw.py and rotnet.py").
 case $METHOD in jigsaw|rotnet) LAYER=layer3 ;; *) LAYER=final ;; esac
 
 poison() {  # poison OUT [flags]: poison.py's output folder (the preset's flags and POISON_EXTRA come last and win);

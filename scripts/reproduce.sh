@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces the three tables of the README from scratch and writes them into README.md, with the paper's protocol:
+# Reproduces the results tables from scratch and writes them into docs/results.md and README.md (the generated blocks
+# between BEGIN/END markers, scripts/tables.py readme), with the paper's protocol:
 # RUNS=N runs, run r with its own target class, HTBA trigger (--trigger-seed 10 + r) and poison seed r, on the same data
 # (scripts/runs.py); every cell is mean ± std over the runs.
 #   1. Saha et al.'s main table: per method one clean model (ROOT/main/<method>/clean) and per run a poisoned one
@@ -7,28 +8,40 @@
 #   2. the CompReSS defense: each run's backdoored model distilled on 5%, 10% and 25% clean data (the paper's is
 #      MoCo v2's; the demo uses BYOL's, the one that carries a backdoor at demo scale: DEFENSE_TEACHER=<method>);
 #   3. BadEncoder: the clean MoCo v2 encoder of table 1 backdoored by fine-tuning, per run with its target and trigger.
-#   bash scripts/reproduce.sh [ROOT]                         demo scale, one run (about 75 min on 2 CPU cores)
+#   bash scripts/reproduce.sh [ROOT]                         demo scale: one run in a new ROOT (about 75 min on 2 CPU
+#                                                            cores), every run ROOT holds in an existing one
 #   RUNS=5 METHODS="moco byol" bash scripts/reproduce.sh     5 runs of two methods (finished runs are skipped: RUNS can
 #                                                            grow later, and other methods be added by another call)
-#   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=in100.txt RUNS=10 bash scripts/reproduce.sh runs/paper
+#   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=imagenet100_classes.txt RUNS=10 bash scripts/reproduce.sh runs/paper
 # Layout: ROOT/data/clean (the lists every run shares), ROOT/data/run<r> (poison.py of run r), ROOT/main/<method>/...,
 # ROOT/defense/run<r>/{teacher,student_<p>pct}, ROOT/badencoder/run<r>/{clean,backdoored}, ROOT/patchsearch/run<r>/<method>
 # (4. PatchSearch on each run's backdoored MoCo v2 and BYOL models: PATCHSEARCH_METHODS; the DEFENSE_TEACHER's method
 # pre-trained again on the filtered list in ROOT/patchsearch/run<r>/<method>/retrained: PATCHSEARCH_RETRAIN).
 # 5. Other triggers on table 1's runs: TRIGGERS="blend ctrl htba:7" [TRIGGER_METHODS=byol], in ROOT/triggers/<trigger>
 #    (FAMILY:SIZE: that family at SIZE px, in ROOT/triggers/FAMILY_SIZEpx; the demo's HTBA patch is 14 px).
-# Environment: PRESET (demo|paper), RUNS (1), TARGETS ("<one target per run>", default a seeded draw per run), DATA_SEED
+# CLASSES: a list of class folder names (wnids); the paper's 100 classes are imagenet100_classes.txt of the reference
+# repository UMBCvision/SSL-Backdoor.
+# Environment: PRESET (demo|paper), RUNS (default: as many as ROOT/data/run<r> holds, at least 1, so a rerun never
+# shrinks a table), TARGETS ("<one target per run>", default a seeded draw per run), DATA_SEED
 # (0), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES, DEFENSE_TEACHER (byol for the demo, moco for the
 # paper), PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an
 # interrupted run continues where it stopped.
 set -euo pipefail
 ROOT=${1:-runs/reproduce_${PRESET:-demo}}
 export PRESET=${PRESET:-demo}
-export RUNS=${RUNS:-1}
 [ -z "${SEEDS:-}" ] || { echo "reproduce.sh: SEEDS is replaced by RUNS=N (run r: its own target, trigger and seed r)" >&2; exit 2; }
 METHODS=${METHODS:-moco byol msf jigsaw rotnet mae}
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+if [ -z "${RUNS:-}" ]; then  # continue with the runs that exist: run r's data is ROOT/data/run<r>
+  RUNS=1
+  for D in "$ROOT"/data/run*; do
+    R=${D##*/run}
+    if [[ $R =~ ^[0-9]+$ ]] && [ -d "$D" ] && (( R + 1 > RUNS )); then RUNS=$((R + 1)); fi
+  done
+  echo "reproduce.sh: RUNS=$RUNS (the runs in $ROOT/data)"
+fi
+export RUNS
 
 if [ "$PRESET" = demo ]; then
   DEFENSE_TEACHER=${DEFENSE_TEACHER:-byol}
@@ -37,14 +50,14 @@ if [ "$PRESET" = demo ]; then
   PROBE_LIST=train_labeled_10pct.txt
   PROBE_FLAGS="--workers 0"
   DEFENSE_PROTOCOL=demo  # the protocol of the demo's main table
-  PATCHSEARCH_FLAGS="--clusters 16 --classifier-iters 50 --ensemble 1 --workers 0"  # about 30 s (README, "patchsearch.py")
+  PATCHSEARCH_FLAGS="--clusters 16 --classifier-iters 50 --ensemble 1 --workers 0"  # about 30 s (docs/methods.md, "patchsearch.py")
 else
   DEFENSE_TEACHER=${DEFENSE_TEACHER:-moco}
   DEFENSE_FLAGS=""
   BADENCODER_FLAGS=""
   PROBE_LIST=train_labeled_1pct.txt
   PROBE_FLAGS=""
-  DEFENSE_PROTOCOL=moco  # CompReSS's eval_linear.py, with its augmentation (README, "linear_probe.py")
+  DEFENSE_PROTOCOL=moco  # CompReSS's eval_linear.py, with its augmentation (docs/methods.md, "linear_probe.py")
   PATCHSEARCH_FLAGS=""  # the paper's defaults
 fi
 probe() {  # probe CHECKPOINT OUT DATA [extra flags]
@@ -125,8 +138,10 @@ $PY scripts/tables.py details "$ROOT/main"
 $PY scripts/tables.py patchsearch "$ROOT/patchsearch" 2>/dev/null || true
 [ -z "${TRIGGERS:-}" ] || $PY scripts/tables.py triggers "$ROOT"
 if [ "$PRESET" = demo ]; then
-  $PY scripts/tables.py readme README.md "$ROOT" && echo "reproduce.sh: README.md tables updated from $ROOT"
-  for M in moco byol; do  # the README's feature-space pictures: run 0 of each
+  for F in README.md docs/results.md; do
+    $PY scripts/tables.py readme "$F" "$ROOT" && echo "reproduce.sh: $F tables updated from $ROOT"
+  done
+  for M in moco byol; do  # the feature-space pictures of docs/results.md: run 0 of each
     [ -f "$ROOT/main/$M/run0/feature_space.png" ] && mkdir -p docs && cp "$ROOT/main/$M/run0/feature_space.png" "docs/feature-space-$M.png"
   done
 fi

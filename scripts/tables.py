@@ -12,7 +12,8 @@ Standard library only. Nothing here is typed by hand: every number is read from 
                                                patch's runs of the same r (ROOT/main/<method>/run<r>)
   python scripts/tables.py knobs ROOT         knob search: ROOT/knobs/<name>/run<r> (quickstart.sh RUNS=N with other flags)
                                                beside the main table's runs of the same r (ROOT/main/<method>/run<r>)
-  python scripts/tables.py readme README ROOT  rewrite README's generated sections (between BEGIN/END markers)
+  python scripts/tables.py glance ROOT         results at a glance: per method the paper's effect and the runs' verdict
+  python scripts/tables.py readme FILE ROOT    rewrite FILE's generated sections (between BEGIN/END markers)
   python scripts/tables.py seeds DIR OTHER     the runs DIR/run<r> with their clean model beside another clean seed's
                                                (OTHER/probe_run<r>, quickstart.sh PRETRAIN_LIST mode)
 A run folder RUN holds clean/ and poisoned/ (trainer outputs: checkpoint.pt, log.jsonl; clean/ may link them to the
@@ -41,6 +42,9 @@ METHOD_NAMES = {"moco": "MoCo v2", "byol": "BYOL", "msf": "MSF", "jigsaw": "Jigs
 PAPER_DEFENSE = {"teacher": (50.1, 26.2, 31.8, 1683.2), "25": (44.6, 34.5, 42.0, 37.9), "10": (38.3, 40.5, 35.7, 44.8),
                  "5": (32.1, 41.0, 29.4, 53.7)}
 METHODS = ["moco", "byol", "msf", "jigsaw", "rotnet", "mae"]
+# Epochs of the recipe each paper row stands for (the scripts' --epochs defaults): SSL-Backdoor's MoCo v2 and BYOL 200,
+# Jigsaw and RotNet 105; MSF 200 (MSF's own recipe); MAE 800 (MAE's official recipe: SSL-Backdoor ships no MAE code).
+PAPER_EPOCHS = {"moco": 200, "byol": 200, "msf": 200, "jigsaw": 105, "rotnet": 105, "mae": 800}
 
 
 def load(path):
@@ -201,7 +205,7 @@ def method_rows(method, runs):
     """The paper's row and ours (mean ± std over the finished runs), and the verdict line over the runs."""
     p = PAPER[method]
     rows = [f"| {method} | paper | {p[0]} / {p[1]} | {p[2]} / {p[3]} | {p[4]} / {p[5]} | {p[6]} / {p[7]} | "
-            f"{100 * p[7] / 4950:.1f} | {p[7] - p[3]:.1f} | | | 10 | 200 | 224 | |"]
+            f"{100 * p[7] / 4950:.1f} | {p[7] - p[3]:.1f} | | | 10 | {PAPER_EPOCHS[method]} | 224 | |"]
     done = finished(runs)
     if not done:
         return rows + [f"| {method} | ours | (not run) |||||||||||"], None
@@ -246,6 +250,31 @@ def main_table(root):
                     f"val images; paper: ImageNet-100, FP out of 4,950, mean of 10 runs. {hardware()}.\n")
         rows += [f"- {line}" for line in lines]
     return "\n".join(rows)
+
+
+def glance_table(root):
+    """One row per method: the paper's patched FP (backdoored against clean model), the demo runs' verdict and FP
+    difference (ROOT/main/<method>/run<r>), the backdoored model's train time per run, and whether the paper preset ran
+    (ROOT's sibling reproduce_paper/main/<method>: reproduce.sh PRESET=paper)."""
+    rows = ["| method | paper, ImageNet-100: patched FP, backdoored vs clean (of 4,950) | demo: effect shown | demo: patched "
+            "FP, backdoored - clean | demo: time per run | run at ImageNet-100 scale here |",
+            "|---|---|---|---|---|---|"]
+    paper_root = os.path.join(os.path.dirname(os.path.abspath(root)), "reproduce_paper", "main")
+    m = None
+    for method in METHODS:
+        p, done = PAPER[method], finished(runs_of(os.path.join(root, "main"), method))
+        at_scale = finished(runs_of(paper_root, method))
+        scale = f"yes, {sum(shown(c, b) for _, c, b, _ in at_scale)} of {len(at_scale)}" if at_scale else "no"
+        if not done:
+            rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | (not run) | | | {scale} |")
+            continue
+        sec = [t[1] for r, *_ in done for t in [train_log(os.path.join(r, "poisoned"))] if t]
+        m = done[0][2]
+        rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | {sum(shown(c, b) for _, c, b, _ in done)} of "
+                    f"{len(done)} runs | {fmt([b['fp_patched'] - c['fp_patched'] for _, c, b, _ in done])} | "
+                    f"{minutes(statistics.mean(sec)) if sec else '-'} | {scale} |")
+    return "\n".join(rows) + (f"\n\nDemo: {m['num_classes']} classes, FP out of {m['n_patched_nontarget']} non-target val "
+                              f"images; time per run: the backdoored model's training; {hardware()}." if m else "")
 
 
 def control(run):
@@ -411,12 +440,13 @@ def run_args(run):
 
 def knobs_table(root):
     """One row per knob setting, ROOT/knobs/<name>/run<r> (its own clean model), below the main table's runs of the same
-    r (ROOT/main/<method>/run<r>, the demo preset); the setting is every flag that differs from the preset's."""
+    r (ROOT/main/<method>/run<r>, the demo preset); the setting is every flag that differs from the preset's. Two
+    settings with the same flags (a rerun) are told apart by their folder names."""
     rows = ["| method | setting | runs | clean model: clean Acc / FP | clean model: patched Acc / FP | backdoored: clean Acc / "
             "FP | backdoored: patched Acc / FP | backdoored ASR % | patched FP, backdoored - clean | effect shown | patched "
             "-> target centroid %, clean / backdoored | train time: clean model, backdoored per run |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    each, shown_runs = {}, set()  # the preset's runs shown once for the knobs that share them
+    each, shown_runs, labels = {}, set(), set()  # the preset's runs shown once for the knobs that share them
     for folder in sorted(glob.glob(os.path.join(root, "knobs", "*"))):
         done = finished(numbered_runs(folder))
         if not done:
@@ -432,6 +462,8 @@ def knobs_table(root):
                 args = run_args(runs[0][0])
                 label = ", ".join(f"{k.replace('_', ' ')} {args.get(k)}" for k in sorted(set(args) | set(preset))
                                   if args.get(k) != preset.get(k)) or "demo preset"
+                label += f" ({os.path.basename(folder)})" if (method, label) in labels else ""
+            labels.add((method, label))
             _, c, b, fs = map(list, zip(*runs))
             cells = pair_cells(c, b, fs)
             clean = {os.path.realpath(os.path.join(r, "clean", "log.jsonl")): train_log(os.path.join(r, "clean"))
@@ -453,7 +485,8 @@ def hardware():
 def readme(path, root):
     """Replace the text between '<!-- BEGIN <name> -->' and '<!-- END <name> -->' with freshly generated tables."""
     text = open(path).read()
-    makers = {"main": lambda: main_table(os.path.join(root, "main")),
+    makers = {"glance": lambda: glance_table(root),
+              "main": lambda: main_table(os.path.join(root, "main")),
               "details": lambda: details_table(os.path.join(root, "main")),
               "defense": lambda: defense_table(os.path.join(root, "defense")),
               "badencoder": lambda: badencoder_table(os.path.join(root, "badencoder")),
@@ -470,7 +503,7 @@ if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
     commands = {"pair": pair, "runs": runs_table, "main": main_table, "details": details_table, "defense": defense_table,
                 "badencoder": badencoder_table, "patchsearch": patchsearch_table, "triggers": triggers_table,
-                "knobs": knobs_table}
+                "knobs": knobs_table, "glance": glance_table}
     if cmd in commands and len(rest) == 1:
         print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:
