@@ -8,7 +8,9 @@ features the linear classifier sees). Writes RUN/feature_space.png, a 2-D t-SNE 
 (clean val images coloured by class, the target class in red and ringed, the patched val images of the other classes
 as black crosses), and RUN/feature_space.json with the number behind the picture: for each model, the % of patched
 non-target val images whose nearest class centroid (the mean of the labeled train features of a class) is the target;
-the same for the clean val images as a baseline. Imports torch and PIL only, no script of the project.
+the same for the clean val images as a baseline; and the trigger's pull in cosine similarity (trigger_pull): how much
+closer to each other ('trigger_cohesion') and to the target's centroid ('trigger_to_target') the patched images are
+than the same images clean. Imports torch and PIL only, no script of the project.
 """
 import argparse
 import json
@@ -16,6 +18,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189), (140, 86, 75), (227, 119, 194),
@@ -93,6 +96,21 @@ def centroid_fraction(train, train_y, x, y, target):
     return 100.0 * (nearest == target).sum().item() / max(1, len(nearest))
 
 
+def trigger_pull(train, train_y, val, patched, y, target):
+    """How far the trigger moves the non-target val images, in cosine similarity of their features (L2-normalised):
+    'cohesion', the mean similarity between two different patched images minus that of the same two clean images;
+    'to_target', the mean similarity to the target's centroid, patched minus clean. val[i] and patched[i] are the same
+    image (the lists share their order)."""
+    keep = y != target
+    centroid = F.normalize(train[train_y == target].float().mean(0), dim=0)
+    out = {}
+    for name, x in (("clean", val[keep]), ("patched", patched[keep])):
+        x = F.normalize(x.float(), dim=1)
+        n = len(x)
+        out[name] = ((x.sum(0).square().sum() - n) / max(1, n * (n - 1))).item(), (x @ centroid).mean().item()
+    return {"cohesion": out["patched"][0] - out["clean"][0], "to_target": out["patched"][1] - out["clean"][1]}
+
+
 def legend_height(width, labels):
     return ROW * rows(width, labels) + 6
 
@@ -161,8 +179,12 @@ def main(argv=None):
         t = f["target"]
         frac = centroid_fraction(f["train"], f["train_y"], f["patched"], f["patched_y"], t)
         base = centroid_fraction(f["train"], f["train_y"], f["val"], f["val_y"], t)
+        if not torch.equal(f["val_y"], f["patched_y"]):
+            raise SystemExit(f"feature_space.py: {args.run}: the clean and patched val lists are not in the same order")
+        pull = trigger_pull(f["train"], f["train_y"], f["val"], f["patched"], f["val_y"], t)
         result[kind] = {"patched_to_target_centroid": frac, "val_to_target_centroid": base,
-                        "n_patched_nontarget": int((f["patched_y"] != t).sum())}
+                        "n_patched_nontarget": int((f["patched_y"] != t).sum()),
+                        "trigger_cohesion": pull["cohesion"], "trigger_to_target": pull["to_target"]}
         g = torch.Generator().manual_seed(args.seed)  # one subsample for both models: the same images in both panels
         val_idx = torch.randperm(len(f["val"]), generator=g)[: args.max_points // 2].sort().values
         pat_idx = torch.nonzero(f["patched_y"] != t).flatten()

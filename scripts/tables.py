@@ -117,7 +117,11 @@ def pair(run):
         if fs:
             rows.append(f"Feature space (feature_space.png): patched non-target val images whose nearest class centroid is "
                         f"the target: {fs['clean']['patched_to_target_centroid']:.1f}% (clean model), "
-                        f"{fs['backdoored']['patched_to_target_centroid']:.1f}% (backdoored).")
+                        f"{fs['backdoored']['patched_to_target_centroid']:.1f}% (backdoored)." +
+                        (f" Trigger pull, cosine similarity patched minus clean: to each other "
+                         f"{fs['clean']['trigger_cohesion']:+.3f} (clean model), {fs['backdoored']['trigger_cohesion']:+.3f} "
+                         f"(backdoored); to the target's centroid {fs['clean']['trigger_to_target']:+.3f}, "
+                         f"{fs['backdoored']['trigger_to_target']:+.3f}." if "trigger_cohesion" in fs["clean"] else ""))
     return "\n".join(rows)
 
 

@@ -35,6 +35,19 @@ def test_centroid_fraction_is_the_hand_count():
     assert fs.centroid_fraction(train, train_y, x, y, target=0) == 100 * 1 / 3  # images 2, 4, 5: nearest 0, 2, 2
 
 
+def test_trigger_pull_is_the_hand_computed_cosine():
+    # two non-target images along x and y (cosine 0); patched, both turn 45 degrees towards (1, 1): cosine 1 between
+    # them; target centroid (1, 1) / sqrt 2: clean images at cos 45 = 0.7071 to it, patched at 1
+    train, train_y = torch.tensor([[1.0, 1], [2, 2], [0, 1]]), torch.tensor([1, 1, 0])
+    val = torch.tensor([[1.0, 0], [0, 3], [5, 5]])
+    patched = torch.tensor([[1.0, 1], [2, 2], [5, 5]])
+    y = torch.tensor([0, 2, 1])  # the third is a target image: left out
+    pull = fs.trigger_pull(train, train_y, val, patched, y, target=1)
+    assert abs(pull["cohesion"] - 1.0) < 1e-6 and abs(pull["to_target"] - (1 - 0.5 ** 0.5)) < 1e-6
+    same = fs.trigger_pull(train, train_y, val, val, y, target=1)
+    assert same == {"cohesion": 0.0, "to_target": 0.0}
+
+
 def test_picture_and_numbers_of_a_run(tmp_path):
     g = torch.Generator().manual_seed(0)
     names, target = ["checkerboard", "crosses", "dots"], 1
