@@ -135,14 +135,14 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
         assert os.path.realpath(control["encoder"]) == os.path.realpath(out / f"run{other}" / "poisoned" / "checkpoint.pt")
     table = open(out / "table.md").read()
     assert "| moco | ours |" in table and " of 2 |" in table and "shown in" in table and "| moco | 1 |" in table
-    # scripts/sweep.sh: the same flags as one setting, its three models trained at once (JOBS=3), the same probes
+    # scripts/sweep.sh: the same flags as one setting, its clean and run 0's models trained at once, the same probes
     settings = tmp_path / "settings.txt"
     settings.write_text(f"# a comment\nsame moco POISON_EXTRA=\"{env['POISON_EXTRA']}\" EXTRA=\"{env['EXTRA']}\"\n")
     sweep = subprocess.run(["bash", os.path.join(ROOT, "scripts", "sweep.sh"), str(settings), str(tmp_path / "sweep")],
-                           cwd=ROOT, env={**env, "RUNS": "2", "JOBS": "3"}, capture_output=True, text=True, timeout=600)
+                           cwd=ROOT, env={**env, "RUNS": "1", "JOBS": "2"}, capture_output=True, text=True, timeout=600)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "## same: " in sweep.stdout and "| moco | ours |" in sweep.stdout
-    for r in (0, 1):
+    for r in (0,):
         for kind in ("clean", "poisoned"):
             a, b = (json.load(open(o / f"run{r}" / kind / "probe" / "metrics.json")) for o in (out, tmp_path / "sweep" / "knobs" / "same"))
             assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
