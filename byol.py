@@ -53,8 +53,9 @@ def parse_args(argv=None):
                    "end (a drop at epoch <= 0 never happens, as in the reference)")
     p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
-    p.add_argument("--bn-batch", type=int, default=128, help="BN statistics over chunks of at most this many images per "
-                   "process (the reference's per-GPU batch: 512 on 4 GPUs with DataParallel)")
+    p.add_argument("--bn-batch", type=int, default=128, help="backbone BN statistics over chunks of at most this many "
+                   "images per process (the reference's per-GPU batch: 512 on 4 GPUs with DataParallel); the heads "
+                   "see the whole view, as there")
     p.add_argument("--tau-base", type=float, default=0.99, help="target EMA rate at epoch 0 (cosine to 1 at the end)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
@@ -119,10 +120,13 @@ class BYOL(nn.Module):
             pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
 
     def forward(self, x1, x2, bn_batch=128):
-        per_gpu = lambda f, x: torch.cat([f(c) for c in x.split(bn_batch)])  # BN batches as the reference's GPUs
-        p1, p2 = (per_gpu(lambda c: self.predictor(self.online(c)), x) for x in (x1, x2))  # one BN batch per view
+        # The reference wraps only the backbones in nn.DataParallel: their BN sees one GPU's chunk of a view, the
+        # projector, predictor and target projector see the whole view.
+        per_gpu = lambda f, x: torch.cat([f(c) for c in x.split(bn_batch)])  # noqa: E731
+        (backbone, projector), (backbone_t, projector_t) = self.online, self.target
+        p1, p2 = (self.predictor(projector(per_gpu(backbone, x))) for x in (x1, x2))
         with torch.no_grad():
-            z1, z2 = per_gpu(self.target, x1), per_gpu(self.target, x2)
+            z1, z2 = (projector_t(per_gpu(backbone_t, x)) for x in (x1, x2))
         return regression_loss(p1, z2) + regression_loss(p2, z1)  # each view predicts the other's target
 
 
@@ -149,7 +153,8 @@ def main(argv=None):
     geometry, color = byol_aug(args.image_size)
     loader, sampler = make_loader(FileList(samples, TwoViews(geometry, color), args.seed), args, rank, world, device)
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "bn": f"BN over chunks of at most {args.bn_batch} of the {args.batch_size // world} images per process",
+               "bn": f"backbone BN over chunks of at most {args.bn_batch} of the {args.batch_size // world} images "
+                     f"per process; head BN over all {args.batch_size // world}",
                "steps_per_epoch": len(loader), "args": vars(args)}, rank)
     if rank == 0:
         print(f"byol.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}")
