@@ -9,8 +9,9 @@ Produces, in `--out`, checkpoint.pt (method "badencoder": the backdoored backbon
 Loss (paper eq. 1-3): L = L0 + lambda1 * L1 + lambda2 * L2 with L0 = -s(f'(x + e_k), f'(ref_k)) (gradient through both
 sides), L1 = -s(f'(aug(ref_k)), f(ref_k)), L2 = -s(f'(x), f(x)); s = cosine similarity of backbone features; means
 over the batch and the K (reference, trigger) pairs. The clean encoder f is frozen in eval mode; every BatchNorm of
-f' stays in eval mode with frozen affine parameters. Shadow and triggered images get no augmentation (the encoder's
-evaluation view); the trigger replaces uint8 pixels before normalisation; L1's reference view gets flip, colour
+f' stays in eval mode with frozen affine parameters. Shadow and triggered images get no augmentation (images of
+the encoder's input size are used as they are, as in the reference; others get the resize + center crop of
+linear_probe.py's clean view); the trigger replaces uint8 pixels before normalisation; L1's reference view gets flip, colour
 jitter and grayscale, a fresh draw per batch element.
 Recipe (defaults = the reference's ResNet-18 runs): SGD lr 0.001 (constant) momentum 0.9 wd 5e-4, batch 256, 200
 epochs, lambda1 = lambda2 = 1. Large encoders (ImageNet ResNet-50, CLIP) need about --lr 1e-6 --batch-size 16.
@@ -118,9 +119,15 @@ def stamp(image, trigger, x, y, opacity):
     return Image.fromarray(a)
 
 
-def eval_view(size):
-    """The encoder's evaluation view (as linear_probe.py): shadow, triggered and plain reference images."""
-    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+class EvalView:
+    """The view of shadow, triggered and plain reference images: an image of size x size is used as it is (the
+    reference feeds CIFAR natively: ToTensor + normalise); any other gets Resize(size * 256 / 224) + CenterCrop(size)."""
+
+    def __init__(self, size):
+        self.size, self.zoom = size, T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+
+    def __call__(self, image):
+        return image if image.size == (self.size, self.size) else self.zoom(image)
 
 
 class ShadowViews:
@@ -128,7 +135,7 @@ class ShadowViews:
     tensors (reference note 1.3); the reference view's colour jitter and grayscale run batched on the device."""
 
     def __init__(self, size, triggers, references, location, lo_hi, opacity):
-        self.view, self.uint8, self.flip = eval_view(size), T.PILToTensor(), T.RandomHorizontalFlip()
+        self.view, self.uint8, self.flip = EvalView(size), T.PILToTensor(), T.RandomHorizontalFlip()
         self.triggers, self.references = triggers, references
         self.location, self.lo_hi, self.opacity = location, lo_hi, opacity
         self.color = Photometric(p_gray=0.2, p_blur=0, sigma=(0.0, 0.0))  # L1's reference view: no crop, no blur (3.2)
@@ -192,7 +199,7 @@ def main(argv=None):
     if src["arch"] == "vit" and size != src["arch_kwargs"]["image_size"]:
         raise InputError(f"{args.encoder}: a ViT for {src['arch_kwargs']['image_size']} px cannot take --image-size {size}")
     samples = read_list(args.train_list)
-    ref_list = FileList(read_list(args.reference_list), eval_view(size))
+    ref_list = FileList(read_list(args.reference_list), EvalView(size))
     references = [ref_list[i][0] for i in range(len(ref_list))]
     triggers = load_triggers(args, size, len(references))
     views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity)
