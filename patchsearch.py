@@ -24,6 +24,7 @@ patches are cut at the end of the search from the top images, kept in memory (th
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -194,7 +195,8 @@ def search(model, layer, centroids, a, load, test_x, w, samples_per_iter=2, prun
                 moved = nearest(embed(model, paste(test_x, patch, g), batch, amp), centroids)[0].cpu()
                 scores[idx] = float((moved == a[idx]).sum() - (test_a == a[idx]).sum())
         scored[cand] = True
-        best = {c: scores[a == c].max().item() for c in clusters}  # a cluster's score: its best image (unscored = 0)
+        # A cluster's score: its best image (unscored = 0); an empty cluster (k-means keeps its centroid) ranks last.
+        best = {c: scores[a == c].max().item() if (a == c).any() else -math.inf for c in clusters}
         clusters = sorted(clusters, key=lambda c: -best[c])
         log.append({"iteration": len(log), "clusters": len(clusters), "scored": int(scored.sum()),
                     "best_score": max(best.values()), "best_clusters": clusters[:5]})
@@ -205,6 +207,13 @@ def search(model, layer, centroids, a, load, test_x, w, samples_per_iter=2, prun
             break
         clusters = clusters[: len(clusters) - drop]
     return scores, scored, log
+
+
+def rank(scores, seed):
+    """Indices by descending score. Ties (most images are never scored: all 0) fall in a seeded random order; a stable
+    sort would rank them in list order, i.e. by class."""
+    perm = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed))
+    return perm[scores[perm].argsort(descending=True, stable=True)]
 
 
 class PastePatch:
@@ -296,7 +305,7 @@ def main(argv=None):
 
     # Poison classifier (paper Sec. 3.3): top-k patches pasted on the pool (ranks after the top p) vs the pool as it is.
     t0 = time.time()
-    ranked = scores.argsort(descending=True, stable=True)
+    ranked = rank(scores, args.seed)
     topk = min(args.topk_poisons, max(1, n // 10))
     top = ranked[: max(args.grid, topk)].tolist()
     top_x = load(top)
