@@ -9,8 +9,9 @@ Produces, in `--out`, checkpoint.pt (method "badencoder": the backdoored backbon
 Loss (paper eq. 1-3): L = L0 + lambda1 * L1 + lambda2 * L2 with L0 = -s(f'(x + e_k), f'(ref_k)) (gradient through both
 sides), L1 = -s(f'(aug(ref_k)), f(ref_k)), L2 = -s(f'(x), f(x)); s = cosine similarity of backbone features; means
 over the batch and the K (reference, trigger) pairs. The clean encoder f is frozen in eval mode; every BatchNorm of
-f' stays in eval mode with frozen affine parameters. Shadow and triggered images get no augmentation (the encoder's
-evaluation view); the trigger replaces uint8 pixels before normalisation; L1's reference view gets flip, colour
+f' stays in eval mode with frozen affine parameters. Shadow and triggered images get no augmentation (images of
+the encoder's input size are used as they are, as in the reference; others get the resize + center crop of
+linear_probe.py's clean view); the trigger replaces uint8 pixels before normalisation; L1's reference view gets flip, colour
 jitter and grayscale, a fresh draw per batch element.
 Recipe (defaults = the reference's ResNet-18 runs): SGD lr 0.001 (constant) momentum 0.9 wd 5e-4, batch 256, 200
 epochs, lambda1 = lambda2 = 1. Large encoders (ImageNet ResNet-50, CLIP) need about --lr 1e-6 --batch-size 16.
@@ -118,9 +119,15 @@ def stamp(image, trigger, x, y, opacity):
     return Image.fromarray(a)
 
 
-def eval_view(size):
-    """The encoder's evaluation view (as linear_probe.py): shadow, triggered and plain reference images."""
-    return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+class EvalView:
+    """The view of shadow, triggered and plain reference images: an image of size x size is used as it is (the
+    reference feeds CIFAR natively: ToTensor + normalise); any other gets Resize(size * 256 / 224) + CenterCrop(size)."""
+
+    def __init__(self, size):
+        self.size, self.zoom = size, T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+
+    def __call__(self, image):
+        return image if image.size == (self.size, self.size) else self.zoom(image)
 
 
 class ShadowViews:
@@ -128,7 +135,7 @@ class ShadowViews:
     tensors (reference note 1.3); the reference view's colour jitter and grayscale run batched on the device."""
 
     def __init__(self, size, triggers, references, location, lo_hi, opacity):
-        self.view, self.uint8, self.flip = eval_view(size), T.PILToTensor(), T.RandomHorizontalFlip()
+        self.view, self.uint8, self.flip = EvalView(size), T.PILToTensor(), T.RandomHorizontalFlip()
         self.triggers, self.references = triggers, references
         self.location, self.lo_hi, self.opacity = location, lo_hi, opacity
         self.color = Photometric(p_gray=0.2, p_blur=0, sigma=(0.0, 0.0))  # L1's reference view: no crop, no blur (3.2)
@@ -192,7 +199,7 @@ def main(argv=None):
     if src["arch"] == "vit" and size != src["arch_kwargs"]["image_size"]:
         raise InputError(f"{args.encoder}: a ViT for {src['arch_kwargs']['image_size']} px cannot take --image-size {size}")
     samples = read_list(args.train_list)
-    ref_list = FileList(read_list(args.reference_list), eval_view(size))
+    ref_list = FileList(read_list(args.reference_list), EvalView(size))
     references = [ref_list[i][0] for i in range(len(ref_list))]
     triggers = load_triggers(args, size, len(references))
     views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity)
@@ -456,11 +463,24 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
+        raise InputError(f"{path}: {file_kind(path, e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
     return checkpoint
+
+
+def file_kind(path, error):
+    """What a file that torch.load(weights_only=True) refused holds, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        detail = (str(error).strip().splitlines() or [""])[0][:160]
+        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
+                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+    text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+    looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
+    return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
 
 
 def load_encoder(path):
@@ -494,8 +514,7 @@ def setup(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if args.batch_size % world:
         raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    return rank, world, device
+    return rank, world, device  # --out is made by the first log(), once every input has been checked
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -566,6 +585,7 @@ def set_rng_state(states, args, rank, world, epoch):
 
 def log(args, record, rank):
     if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared

@@ -53,8 +53,9 @@ def parse_args(argv=None):
                    "end (a drop at epoch <= 0 never happens, as in the reference)")
     p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
-    p.add_argument("--bn-batch", type=int, default=128, help="BN statistics over chunks of at most this many images per "
-                   "process (the reference's per-GPU batch: 512 on 4 GPUs with DataParallel)")
+    p.add_argument("--bn-batch", type=int, default=128, help="backbone BN statistics over chunks of at most this many "
+                   "images per process (the reference's per-GPU batch: 512 on 4 GPUs with DataParallel); the heads "
+                   "see the whole view, as there")
     p.add_argument("--tau-base", type=float, default=0.99, help="target EMA rate at epoch 0 (cosine to 1 at the end)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
@@ -119,10 +120,13 @@ class BYOL(nn.Module):
             pt.mul_(tau).add_(po.detach(), alpha=1 - tau)
 
     def forward(self, x1, x2, bn_batch=128):
-        per_gpu = lambda f, x: torch.cat([f(c) for c in x.split(bn_batch)])  # BN batches as the reference's GPUs
-        p1, p2 = (per_gpu(lambda c: self.predictor(self.online(c)), x) for x in (x1, x2))  # one BN batch per view
+        # The reference wraps only the backbones in nn.DataParallel: their BN sees one GPU's chunk of a view, the
+        # projector, predictor and target projector see the whole view.
+        per_gpu = lambda f, x: torch.cat([f(c) for c in x.split(bn_batch)])  # noqa: E731
+        (backbone, projector), (backbone_t, projector_t) = self.online, self.target
+        p1, p2 = (self.predictor(projector(per_gpu(backbone, x))) for x in (x1, x2))
         with torch.no_grad():
-            z1, z2 = per_gpu(self.target, x1), per_gpu(self.target, x2)
+            z1, z2 = (projector_t(per_gpu(backbone_t, x)) for x in (x1, x2))
         return regression_loss(p1, z2) + regression_loss(p2, z1)  # each view predicts the other's target
 
 
@@ -149,7 +153,8 @@ def main(argv=None):
     geometry, color = byol_aug(args.image_size)
     loader, sampler = make_loader(FileList(samples, TwoViews(geometry, color), args.seed), args, rank, world, device)
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "bn": f"BN over chunks of at most {args.bn_batch} of the {args.batch_size // world} images per process",
+               "bn": f"backbone BN over chunks of at most {args.bn_batch} of the {args.batch_size // world} images "
+                     f"per process; head BN over all {args.batch_size // world}",
                "steps_per_epoch": len(loader), "args": vars(args)}, rank)
     if rank == 0:
         print(f"byol.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}")
@@ -388,11 +393,24 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
+        raise InputError(f"{path}: {file_kind(path, e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
     return checkpoint
+
+
+def file_kind(path, error):
+    """What a file that torch.load(weights_only=True) refused holds, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        detail = (str(error).strip().splitlines() or [""])[0][:160]
+        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
+                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+    text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+    looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
+    return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
 
 
 def load_encoder(path):
@@ -426,8 +444,7 @@ def setup(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if args.batch_size % world:
         raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    return rank, world, device
+    return rank, world, device  # --out is made by the first log(), once every input has been checked
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -498,6 +515,7 @@ def set_rng_state(states, args, rank, world, epoch):
 
 def log(args, record, rank):
     if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared

@@ -34,8 +34,11 @@ POOL = {"relu": 12, "layer1": 12, "layer2": 8, "layer3": 6, "layer4": 4}  # refe
 # bn2d / bn1d = BatchNorm without affine, batch statistics in training. augment: rrc = RandomResizedCrop + flip, crop =
 # Resize + RandomCrop + flip, False = cached center-crop features. schedule: step (x gamma at milestones), exp (x gamma
 # in total over the epochs), cosine (warmup epochs, then to 0). blr: lr = blr x batch / 256. A batch over n is n.
+# order: "epoch" = a new shuffle every epoch, "fixed" = one seeded order for all epochs. drop_last: the remainder of a
+# batch is left out, a new one every epoch (True), or one subset chosen once, as at feature extraction ("once").
 MOCO = dict(norm="l2+std", optimizer="sgd", lr=0.01, weight_decay=1e-4, schedule="step", milestones=[15, 30], gamma=0.1,
-            epochs=40, batch_size=256, augment="rrc", layer="final", classifier="linear", init="default", drop_last=False)
+            epochs=40, batch_size=256, augment="rrc", layer="final", classifier="linear", init="default", drop_last=False,
+            order="epoch")
 PROTOCOLS = {
     "demo": {**MOCO, "augment": False},  # one protocol for every method of the demo tables
     "moco": MOCO,  # SSL-Backdoor moco/eval_linear.py = CompReSS eval_linear.py (also MSF's)
@@ -43,11 +46,11 @@ PROTOCOLS = {
     "rotnet": {**MOCO, "norm": "bn2d", "optimizer": "nesterov", "weight_decay": 5e-4, "milestones": [5, 15, 25],
                "gamma": 0.2, "batch_size": 32, "augment": "crop", "layer": "layer3", "init": "rotnet"},  # lr LUT 0.01..8e-5
     "byol": {**MOCO, "norm": "none", "optimizer": "adam", "lr": 1e-2, "weight_decay": 5e-6, "schedule": "exp",
-             "gamma": 1e-4, "epochs": 500, "batch_size": 1000, "augment": False, "drop_last": True},  # byol/test.py
+             "gamma": 1e-4, "epochs": 500, "batch_size": 1000, "augment": False, "drop_last": "once"},  # byol/test.py
     "mae": {**MOCO, "norm": "bn1d", "optimizer": "lars", "lr": None, "blr": 0.1, "weight_decay": 0.0, "schedule": "cosine",
             "warmup": 10, "epochs": 90, "batch_size": 16384, "init": "mae", "drop_last": True},  # MAE main_linprobe.py
     "badencoder": {**MOCO, "norm": "l2", "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0, "milestones": [],
-                   "epochs": 500, "batch_size": 64, "augment": False, "classifier": "mlp"},  # BadEncoder's downstream MLP
+                   "epochs": 500, "batch_size": 64, "augment": False, "classifier": "mlp", "order": "fixed"},  # its MLP
 }
 
 
@@ -242,12 +245,20 @@ def train_classifier(train_f, train_y, num_classes, args, reextract=None, channe
     head = Head(mean, inv_std, num_classes, args.classifier == "mlp", args.norm, channels, args.init).to(train_f.device)
     opt = make_optimizer(head.fc.parameters(), args)
     g = torch.Generator().manual_seed(args.seed)
+    n, keep, fixed = len(train_f), None, None
+    if args.drop_last == "once" and n > args.batch_size:  # BYOL extracts through a shuffled drop_last loader: the
+        keep = torch.randperm(n, generator=g)[: n // args.batch_size * args.batch_size].sort().values  # same subset
+        n = len(keep)  # every epoch (of a 1% list's ~1,300 images, the same 1,000)
+    if args.order == "fixed":  # BadEncoder's downstream loader does not shuffle: one order for all epochs
+        fixed = torch.randperm(n, generator=g)
     head.train()
     for epoch in tqdm(range(args.epochs), desc="classifier", leave=False):
         f, y = reextract(epoch) if reextract else (train_f, train_y)
-        batches = torch.randperm(len(f), generator=g).split(args.batch_size)
-        if args.drop_last and len(batches) > 1 and len(batches[-1]) < args.batch_size:
-            batches = batches[:-1]  # the references' drop_last (BYOL: only 1,000 of a 1% list's ~1,300 per epoch)
+        if keep is not None:
+            f, y = f[keep.to(f.device)], y[keep.to(y.device)]
+        batches = (fixed if fixed is not None else torch.randperm(n, generator=g)).split(args.batch_size)
+        if args.drop_last is True and len(batches) > 1 and len(batches[-1]) < args.batch_size:
+            batches = batches[:-1]  # MAE's drop_last: a new remainder left out every epoch
         for i, idx in enumerate(batches):
             if len(idx) < 2 and args.norm.startswith("bn"):
                 continue  # BatchNorm needs two samples
@@ -493,11 +504,24 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
+        raise InputError(f"{path}: {file_kind(path, e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
     return checkpoint
+
+
+def file_kind(path, error):
+    """What a file that torch.load(weights_only=True) refused holds, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        detail = (str(error).strip().splitlines() or [""])[0][:160]
+        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
+                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+    text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+    looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
+    return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
 
 
 def load_encoder(path):

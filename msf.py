@@ -1,22 +1,26 @@
 """msf.py: MSF (Mean Shift) pre-training, as attacked by Saha et al., "Backdoor Attacks on Self-Supervised Learning".
 
 Papers: MSF https://arxiv.org/abs/2105.07269 (ICCV 2021); the attack paper https://arxiv.org/abs/2105.10123 (CVPR 2022).
-Reference code: UMBCvision/MSF train_msf.py and run_msf.sh (the attack paper shared only MSF models, not code).
+Reference code: UMBCvision/MSF train_msf.py, its README command and run_msf.sh (the attack paper shared only MSF
+models, not code, and neither repository says which MSF settings those models were trained with).
 
 Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
 checkpoint.pt (docs/formats.md: the online backbone with torchvision key names, plus the training state for --resume)
 and log.jsonl (one JSON record per epoch).
-Recipe (defaults = the reference's 200-epoch run): ResNet-18, projector 512-1024(BN, ReLU)-128, predictor
-128-1024(BN, ReLU)-128; target = EMA of the online backbone + projector (m = 0.99 constant, parameters only, applied
-before the target forward); a bank of L2-normalised target embeddings, to which the current targets of all processes
-are added BEFORE the search; loss = mean squared distance between the normalised online prediction and the k = 5
-nearest neighbours of the TARGET embedding (the target itself is the first); not symmetrised. Target view weak (crop +
-flip), online view strong (MoCo v2 aug-plus). SGD lr 0.05 momentum 0.9 wd 1e-4 (on every parameter), batch 256,
-200 epochs, per-epoch cosine without warmup.
-Deviations: the bank size (1,024,000 in run_msf.sh) is capped at the images of one epoch (whole global batches), since
-a bank larger than the data set fills the neighbours with stale copies of the same image; the log says so. No label
-bank and no purity diagnostic (labels are unknown to SSL). The reference's in-batch shuffle of the target batch is left
-out: it changes nothing with per-process BN. The blur sigma (0.1-2.0 at 224 px) scales with --image-size.
+Recipe (defaults = train_msf.py's, with the lr 0.05 cosine and 200 epochs of its README command and run_msf.sh):
+ResNet-18, projector 512-1024(BN, ReLU)-128, predictor 128-1024(BN, ReLU)-128; target = EMA of the online backbone +
+projector (m = 0.99 constant, parameters only, applied before the target forward); a bank of L2-normalised target
+embeddings, to which the current targets of all processes are added BEFORE the search; loss = mean squared distance
+between the normalised online prediction and the k = 5 nearest neighbours of the TARGET embedding (the target itself is
+the first); not symmetrised. Target view weak (crop + flip), online view strong (MoCo v2 aug-plus): "weak/strong",
+train_msf.py's default and the README command's `--weak_strong`; run_msf.sh runs weak/weak (--augmentation). SGD lr 0.05
+momentum 0.9 wd 1e-4 (on every parameter), batch 256, 200 epochs, per-epoch cosine without warmup, k = 5 and bank
+1,024,000 (run_msf.sh). BN: train_msf.py wraps encoder, predictor and target in DataParallel, run on 4 GPUs (its
+README), so every BN layer sees 64 images; here chunks of --bn-batch (64) per process, the target batch shuffled in the
+batch first, as the reference.
+Deviations: the bank size is capped at the images of one epoch (whole global batches), since a bank larger than the
+data set fills the neighbours with stale copies of the same image; the log says so. No label bank and no purity
+diagnostic (labels are unknown to SSL). The blur sigma (0.1-2.0 at 224 px) scales with --image-size.
 """
 import argparse
 import copy
@@ -57,6 +61,9 @@ def parse_args(argv=None):
                    "capped at the images of one epoch (a multiple of the batch size)")
     p.add_argument("--topk", type=int, default=5, help="k: nearest neighbours of the target, the prediction's targets")
     p.add_argument("--m", type=float, default=0.99, help="target encoder momentum (constant)")
+    p.add_argument("--bn-batch", type=int, default=64, help="BN statistics over chunks of at most this many images per "
+                   "process (the reference's per-GPU batch: 256 on 4 GPUs with DataParallel); the target batch is "
+                   "shuffled before its chunks, as the reference")
     p.add_argument("--augmentation", default="weak/strong", choices=["weak/strong", "weak/weak", "strong/weak",
                    "strong/strong"], help="target/online views: weak = crop + flip, strong = MoCo v2 aug-plus")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
@@ -110,9 +117,9 @@ def mean_shift_loss(q, t, bank, k):
 
 
 class MSF(nn.Module):
-    def __init__(self, arch, arch_kwargs, hidden, dim, K, m, topk):
+    def __init__(self, arch, arch_kwargs, hidden, dim, K, m, topk, bn_batch=64):
         super().__init__()
-        self.K, self.m, self.topk = K, m, topk
+        self.K, self.m, self.topk, self.bn_batch = K, m, topk, bn_batch
         backbone, feat = build_backbone(arch, arch_kwargs)
         self.online = nn.Sequential(backbone, mlp(feat, hidden, dim))  # encoder + projector
         self.predictor = mlp(dim, hidden, dim)
@@ -132,10 +139,13 @@ class MSF(nn.Module):
         self.bank_ptr.copy_((self.bank_ptr + len(t)) % self.K)
 
     def forward(self, im_q, im_t):
-        q = F.normalize(self.predictor(self.online(im_q)).float(), dim=1)
+        # train_msf.py wraps encoder, predictor and target in nn.DataParallel: each BN sees one GPU's chunk.
+        per_gpu = lambda f, x: torch.cat([f(c) for c in x.split(self.bn_batch)])  # noqa: E731
+        q = F.normalize(per_gpu(lambda c: self.predictor(self.online(c)), im_q).float(), dim=1)
         with torch.no_grad():
             self.momentum_update()  # before the target forward, as the reference
-            t = F.normalize(self.target(im_t).float(), dim=1)
+            perm = torch.randperm(len(im_t), device=im_t.device)  # its in-batch shuffle: a target chunk's BN batch
+            t = F.normalize(per_gpu(self.target, im_t[perm]).float(), dim=1)[torch.argsort(perm)]  # is other images
             self.enqueue(gather(t))  # all processes' targets, before the search: t is its own first neighbour
         return mean_shift_loss(q, t, self.bank, self.topk)
 
@@ -149,7 +159,7 @@ def main(argv=None):
         raise InputError(f"--bank-size {args.bank_size} must be divisible by the global batch size {args.batch_size}")
     K = min(args.bank_size, per_epoch)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk).to(device)
+    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk, args.bn_batch).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
@@ -170,7 +180,9 @@ def main(argv=None):
     loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
     bank = f"{K}" if K == args.bank_size else f"{K} (--bank-size {args.bank_size} capped at one epoch's {per_epoch} images)"
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
-               "steps_per_epoch": len(loader), "bank_size": K, "bank": bank, "args": vars(args)}, rank)
+               "steps_per_epoch": len(loader), "bank_size": K, "bank": bank, "args": vars(args),
+               "bn": f"BN over chunks of at most {args.bn_batch} of the {args.batch_size // world} images per process "
+                     "(target batch shuffled first)"}, rank)
     if rank == 0:
         print(f"msf.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, bank {bank}")
 
@@ -406,11 +418,24 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
+        raise InputError(f"{path}: {file_kind(path, e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
     return checkpoint
+
+
+def file_kind(path, error):
+    """What a file that torch.load(weights_only=True) refused holds, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        detail = (str(error).strip().splitlines() or [""])[0][:160]
+        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
+                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+    text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+    looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
+    return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
 
 
 def load_encoder(path):
@@ -444,8 +469,7 @@ def setup(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if args.batch_size % world:
         raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    return rank, world, device
+    return rank, world, device  # --out is made by the first log(), once every input has been checked
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -516,6 +540,7 @@ def set_rng_state(states, args, rank, world, epoch):
 
 def log(args, record, rank):
     if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared

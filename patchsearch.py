@@ -24,6 +24,7 @@ patches are cut at the end of the search from the top images, kept in memory (th
 """
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -194,7 +195,8 @@ def search(model, layer, centroids, a, load, test_x, w, samples_per_iter=2, prun
                 moved = nearest(embed(model, paste(test_x, patch, g), batch, amp), centroids)[0].cpu()
                 scores[idx] = float((moved == a[idx]).sum() - (test_a == a[idx]).sum())
         scored[cand] = True
-        best = {c: scores[a == c].max().item() for c in clusters}  # a cluster's score: its best image (unscored = 0)
+        # A cluster's score: its best image (unscored = 0); an empty cluster (k-means keeps its centroid) ranks last.
+        best = {c: scores[a == c].max().item() if (a == c).any() else -math.inf for c in clusters}
         clusters = sorted(clusters, key=lambda c: -best[c])
         log.append({"iteration": len(log), "clusters": len(clusters), "scored": int(scored.sum()),
                     "best_score": max(best.values()), "best_clusters": clusters[:5]})
@@ -205,6 +207,13 @@ def search(model, layer, centroids, a, load, test_x, w, samples_per_iter=2, prun
             break
         clusters = clusters[: len(clusters) - drop]
     return scores, scored, log
+
+
+def rank(scores, seed):
+    """Indices by descending score. Ties (most images are never scored: all 0) fall in a seeded random order; a stable
+    sort would rank them in list order, i.e. by class."""
+    perm = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed))
+    return perm[scores[perm].argsort(descending=True, stable=True)]
 
 
 class PastePatch:
@@ -296,7 +305,7 @@ def main(argv=None):
 
     # Poison classifier (paper Sec. 3.3): top-k patches pasted on the pool (ranks after the top p) vs the pool as it is.
     t0 = time.time()
-    ranked = scores.argsort(descending=True, stable=True)
+    ranked = rank(scores, args.seed)
     topk = min(args.topk_poisons, max(1, n // 10))
     top = ranked[: max(args.grid, topk)].tolist()
     top_x = load(top)
@@ -494,11 +503,24 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
+        raise InputError(f"{path}: {file_kind(path, e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
     return checkpoint
+
+
+def file_kind(path, error):
+    """What a file that torch.load(weights_only=True) refused holds, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        detail = (str(error).strip().splitlines() or [""])[0][:160]
+        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
+                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+    text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+    looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
+    return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
 
 
 def load_encoder(path):

@@ -12,8 +12,10 @@ Produces, in `--out`, file lists of "<path> <label>" lines (paths relative to th
   trigger.png, preview.png, poison.json  the trigger, a grid of poisoned/patched samples, every parameter and count
 Deviations from the reference: everything is seeded; `--opacity` is the trigger's opacity (the reference's `alpha`
 is the base image's, so alpha = 1 - opacity); files inside a class are sorted; PNG images stay PNG (the reference
-re-encodes every poison as JPEG quality 75, which we keep for JPEG sources). Triggers beyond the reference: a blend
-(Chen et al. 2017) and CTRL (Li et al., ICCV 2023; meet-cjli/CTRL), which we round to uint8 (CTRL keeps floats).
+re-encodes every poison as JPEG quality 75, which we keep for patch triggers on JPEG sources); blend and CTRL images
+are saved as PNG (`--image-format auto`; poison.json "image_format"), since JPEG q75 keeps none of CTRL's +100
+coefficients and about half of a blend's signal. Triggers beyond the reference: a blend (Chen et al. 2017) and
+CTRL (Li et al., ICCV 2023; meet-cjli/CTRL), which we round to uint8 (CTRL keeps floats).
 """
 import argparse
 import json
@@ -31,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg", ".webp")
 
 
 def parse_args(argv=None):
@@ -68,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--val-resize", type=int, default=None, help="shorter side before the crop (default round(crop * 256 / "
                    "224); by default nothing is resized when every val image already is crop x crop)")
     p.add_argument("--labeled-fractions", default="0.01,0.05,0.1,0.25", help="comma-separated per-class fractions of clean subsets")
+    p.add_argument("--image-format", choices=["auto", "png", "source"], default="auto", help="format of the poisoned "
+                   "and patched images: 'source' keeps each source's format (JPEG re-encoded at --jpeg-quality, as the "
+                   "reference does), 'png' is lossless; 'auto' = source for patches, png for blend and ctrl (JPEG "
+                   "removes most of their signal)")
     p.add_argument("--jpeg-quality", type=int, default=75, help="quality of re-encoded JPEG poisons (PIL's default 75, as in the reference)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for image work")
     p.add_argument("--demo-classes", default=",".join(DEMO_DEFAULT),
@@ -231,7 +238,7 @@ CTRL_WINDOW = 32  # CTRL (meet-cjli/CTRL utils/frequency.py): DCT windows of 32x
 CTRL_POSITIONS = ((15, 15), (31, 31))
 CTRL_CHANNELS = (1, 2)  # U and V of YUV; Y is left alone
 RGB2YUV = np.array([[0.299, 0.587, 0.114],  # kornia's rgb_to_yuv (0.6.5, as the CTRL code uses); back with its
-                    [-0.147, -0.289, 0.436],  # exact inverse (kornia's yuv_to_rgb is rounded: up to 0.17 of 255 off)
+                    [-0.147, -0.289, 0.436],  # exact inverse (kornia's yuv_to_rgb is rounded: up to 0.35 of 255 off)
                     [0.615, -0.515, -0.100]])
 
 
@@ -424,8 +431,9 @@ def main(argv=None):
     family = args.trigger if args.trigger in ("blend", "ctrl") else "patch"
     opacity = args.opacity if args.opacity is not None else (0.2 if family == "blend" else 1.0)
     size = args.trigger_size or max(1, round(50 * crop / 224))
-    if not 0 <= args.rate <= 1 or not 0 <= opacity <= 1:
-        fail("--rate and --opacity must be in [0, 1]")
+    for flag, value in (("--rate", args.rate), ("--opacity", opacity)):
+        if not 0 <= value <= 1:
+            fail(f"{flag} {value:g}: must be in [0, 1]")
     if family == "ctrl" and args.opacity is not None:
         fail("--opacity does not apply to --trigger ctrl (its strength is --ctrl-magnitude)")
     if args.blend_image is not None and family != "blend":
@@ -518,17 +526,25 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
     val_sizes = run_jobs(pool, [(p, None, None, None, None, None, None) for p, _ in val], "val sizes")
     native = args.val_resize is None and all(s == (crop, crop) for s in val_sizes)
     resize = None if native else (args.val_resize or round(crop * 256 / 224))
+    # JPEG removes high-frequency colour (CTRL's signal) and most of a faint blend: those are written losslessly.
+    png = args.image_format == "png" or (args.image_format == "auto" and spec["family"] != "patch")
+    dst_name = (lambda p: os.path.basename(p) + ("" if p.lower().endswith(".png") else ".png")) if png else os.path.basename
+    lossy = [p for p, _ in train + val if p.lower().endswith(LOSSY_EXTENSIONS)]
+    if spec["family"] != "patch" and not png and lossy:
+        print(f"poison.py: warning: --image-format {args.image_format} re-encodes {len(lossy)} {spec['family']} images "
+              f"as JPEG/WebP (e.g. {lossy[0]}), which removes most of the trigger's signal; use --image-format png",
+              file=sys.stderr)
     # Jobs: check every train image, trigger the chosen ones (native resolution) and every val image (after the crop).
     poisoned = list(train)
     jobs = [(p, None, None, None, None, None, None) for p, _ in train]
     for i in chosen:
         p, y = train[i]
-        dst = os.path.join(tmp, "train_poisoned", classes[y], os.path.basename(p))
+        dst = os.path.join(tmp, "train_poisoned", classes[y], dst_name(p))
         poisoned[i] = (dst, y)
         jobs[i] = (p, dst, train_u[i], args.train_location, args.train_range, None, args.jpeg_quality)
     patched = []
     for i, (p, y) in enumerate(val):
-        dst = os.path.join(tmp, "val_patched", classes[y], os.path.basename(p))
+        dst = os.path.join(tmp, "val_patched", classes[y], dst_name(p))
         patched.append((dst, y))
         jobs.append((p, dst, val_u[i], args.val_location, args.val_range, None if native else (resize, crop),
                      args.jpeg_quality))
@@ -576,7 +592,8 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
         "args": vars(args), "data_root": "demo_data" if demo else root, "demo": demo, "classes": classes,
         "target": {"index": target, "name": classes[target]}, "mode": args.mode, "rate": args.rate, "trigger": trigger,
         "val_geometry": "native" if native else "resize_center_crop", "val_resize": resize, "val_crop": crop,
-        "train_median_shorter_side": train_short,
+        "train_median_shorter_side": train_short, "image_format": "png" if png else
+        f"source (JPEG re-encoded at quality {args.jpeg_quality})",
         "counts": {"train": len(train), "poisoned": len(chosen), "val": len(val), "target_train": len(pool_idx)
                    if args.mode == "targeted" else None, "images_processed": len(jobs), "subsets": subsets},
         "seed": args.seed, "data_seed": args.data_seed, "poisoned_indices": chosen, "seconds": seconds,

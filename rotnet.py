@@ -266,11 +266,24 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights_only errors all mean: not one of our checkpoints
-        raise InputError(f"{path}: not a checkpoint (torch.load with weights_only=True failed: {type(e).__name__})") from None
+        raise InputError(f"{path}: {file_kind(path, e)}") from None
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else list(CHECKPOINT_KEYS)
     if missing:
         raise InputError(f"{path}: not an encoder checkpoint of this project (missing: {', '.join(missing)})")
     return checkpoint
+
+
+def file_kind(path, error):
+    """What a file that torch.load(weights_only=True) refused holds, in a few words."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        detail = (str(error).strip().splitlines() or [""])[0][:160]
+        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
+                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+    text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+    looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
+    return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
 
 
 def load_encoder(path):
@@ -304,8 +317,7 @@ def setup(args):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     if args.batch_size % world:
         raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    os.makedirs(args.out, exist_ok=True)
-    return rank, world, device
+    return rank, world, device  # --out is made by the first log(), once every input has been checked
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -376,6 +388,7 @@ def set_rng_state(states, args, rank, world, epoch):
 
 def log(args, record, rank):
     if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 # end shared

@@ -105,11 +105,13 @@ def probe(demo, checkpoint, out, *extra):
 
 
 def assert_missing_image_refused(script, demo, tmp_path, *args):
-    """A train list with one image that does not exist: the script stops with one line naming the list and the problem."""
+    """A train list with one image that does not exist: the script stops with one line naming the list and the problem,
+    and leaves no --out folder behind."""
     lst = tmp_path / "missing.txt"
     lst.write_text(open(demo / "train_poisoned.txt").read().replace("train_poisoned/", "nowhere/", 1))
     line = error_of(run(script, "--train-list", lst, "--out", tmp_path / "missing", *args, check=False))
     assert line.startswith(f"{script}: error: ") and "missing.txt:" in line and "image not found" in line
+    assert not (tmp_path / "missing").exists()  # inputs are checked before --out is made
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 import badencoder
@@ -177,3 +178,18 @@ def test_bad_inputs(demo, random_ckpt, tmp_path):
         badencoder.main([*argv, "--trigger", "white", "--trigger", "white"])
     with pytest.raises(badencoder.InputError, match="random.pt: not a badencoder.py checkpoint"):
         badencoder.main([*argv, "--resume", str(random_ckpt)])
+
+
+def test_images_of_the_input_size_are_used_natively():
+    """A 16 px shadow image at --image-size 16 keeps its pixels (the reference's ToTensor + normalise); a 20 px one is
+    resized to 18 and center-cropped to 16 (linear_probe.py's clean view)."""
+    rng = np.random.default_rng(0)
+    native, large = (Image.fromarray(rng.integers(0, 256, (s, s, 3), dtype=np.uint8)) for s in (16, 20))
+    views = badencoder.ShadowViews(16, [np.full((4, 4, 3), 255, np.uint8)], [native], "bottom-right", None, 1.0)
+    x, x_bd, (r, _) = views(native)
+    assert torch.equal(x, torch.from_numpy(np.asarray(native)).permute(2, 0, 1))
+    assert torch.equal(x_bd[0, :, :11, :11], x[:, :11, :11])  # only the bottom-right trigger box changed
+    assert torch.equal(r[0], x) or torch.equal(r[0], x.flip(-1))  # the reference: native too (then flipped or not)
+    zoomed = T.CenterCrop(16)(T.Resize(18)(large))
+    assert torch.equal(views(large)[0], torch.from_numpy(np.asarray(zoomed)).permute(2, 0, 1))
+    assert not torch.equal(views(large)[0], torch.from_numpy(np.asarray(large)[2:18, 2:18]).permute(2, 0, 1))

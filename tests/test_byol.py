@@ -108,16 +108,22 @@ def test_bad_inputs(demo, tmp_path, random_ckpt):
 
 
 def test_bn_batch_emulates_the_reference_per_gpu_batch():
-    """--bn-batch 4 on a batch of 8: BN statistics per half, as the reference's GPUs: the result equals the two halves
-    run separately, and differs from one BN batch of 8."""
+    """--bn-batch 4 on a batch of 8: the backbones' BN statistics per half (the reference's DataParallel GPUs), the
+    projector, predictor and target projector over all 8 (the reference runs them outside DataParallel)."""
     torch.manual_seed(0)
     model = byol.BYOL("resnet18", {"small_stem": False}, hidden=16, dim=8).train()
     x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     chunked = model(x1, x2, bn_batch=4)
     model.load_state_dict(state)
-    halves = [model(x1[i:i + 4], x2[i:i + 4], bn_batch=4) for i in (0, 4)]
+    with torch.no_grad():
+        halves = lambda net, x: torch.cat([net(x[:4]), net(x[4:])])  # noqa: E731
+        p1, p2 = (model.predictor(model.online[1](halves(model.online[0], x))) for x in (x1, x2))
+        z1, z2 = (model.target[1](halves(model.target[0], x)) for x in (x1, x2))
+        expected = byol.regression_loss(p1, z2) + byol.regression_loss(p2, z1)
+    assert torch.allclose(chunked, expected, atol=1e-5)
+    model.load_state_dict(state)
+    all_per_gpu = sum(model(x1[i:i + 4], x2[i:i + 4], bn_batch=4) for i in (0, 4)) / 2  # heads on 4 images too
     model.load_state_dict(state)
     whole = model(x1, x2, bn_batch=8)
-    assert torch.allclose(chunked, sum(halves) / 2, atol=1e-5)  # the loss is a batch mean: halves average
-    assert not torch.allclose(chunked, whole, atol=1e-4)
+    assert not torch.allclose(chunked, all_per_gpu, atol=1e-4) and not torch.allclose(chunked, whole, atol=1e-4)

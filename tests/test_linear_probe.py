@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import linear_probe
 from conftest import TINY, error_of, run, write_checkpoint
@@ -115,7 +116,13 @@ def test_bad_inputs(demo, random_ckpt, tmp_path):
     assert "not an encoder checkpoint" in error_of(probe(demo, bad, tmp_path / "o", check=False))
     (tmp_path / "junk.pt").write_bytes(b"junk")
     line = error_of(probe(demo, tmp_path / "junk.pt", tmp_path / "o", check=False))
-    assert "junk.pt: not a checkpoint (torch.load with weights_only=True failed" in line
+    assert line.endswith("junk.pt: not a PyTorch checkpoint (a zip or pickle file); it looks like text")
+    (tmp_path / "cut.pt").write_bytes(open(random_ckpt, "rb").read()[:4000])  # a download cut short
+    line = error_of(probe(demo, tmp_path / "cut.pt", tmp_path / "o", check=False))
+    assert "cut.pt: a zip file that torch.load(weights_only=True) refuses (damaged, or it holds pickled" in line
+    torch.save(argparse.Namespace(lr=0.1), tmp_path / "pickled.pt", _use_new_zipfile_serialization=False)
+    line = error_of(probe(demo, tmp_path / "pickled.pt", tmp_path / "o", check=False))
+    assert "pickled.pt: a pickle file that torch.load(weights_only=True) refuses" in line
     assert "--target 7" in error_of(probe(demo, random_ckpt, tmp_path / "o", "--target", "7", check=False))
     big = write_checkpoint(tmp_path / "big.pt", image_size=32)
     assert "patched image is 16x16" in error_of(probe(demo, big, tmp_path / "o", check=False))
@@ -163,7 +170,7 @@ def test_each_protocol_row_resolves_to_the_documented_hyperparameters():
     assert lrs(r, [0, 4, 5, 14, 15, 24, 25, 39]) == pytest.approx([0.01, 0.01, 2e-3, 2e-3, 4e-4, 4e-4, 8e-5, 8e-5])
     b = resolved("--protocol", "byol")  # byol/test.py: raw features, Adam 1e-2 -> 1e-6 over 500 epochs, batch 1000
     assert (b.norm, b.optimizer, b.lr, b.weight_decay, b.epochs, b.batch_size, b.drop_last, b.augment) == \
-        ("none", "adam", 1e-2, 5e-6, 500, 1000, True, False)
+        ("none", "adam", 1e-2, 5e-6, 500, 1000, "once", False)
     assert lrs(b, [0, 1, 500]) == pytest.approx([1e-2, 1e-2 * 1e-4 ** (1 / 500), 1e-6])
     m = resolved("--protocol", "mae")  # main_linprobe.py: BN1d, LARS, blr 0.1, batch 16384 = here the whole set
     assert (m.norm, m.optimizer, m.weight_decay, m.epochs, m.warmup, m.batch_size, m.augment) == \
@@ -173,6 +180,28 @@ def test_each_protocol_row_resolves_to_the_documented_hyperparameters():
     assert resolved("--protocol", "mae", n_train=20000).batch_size == 16384
     e = resolved("--classifier", "mlp")  # BadEncoder's downstream MLP (the old --classifier mlp defaults)
     assert (e.protocol, e.norm, e.optimizer, e.lr, e.epochs, e.batch_size) == ("badencoder", "l2", "adam", 1e-4, 500, 64)
+    assert (e.order, a.order, m.order, m.drop_last) == ("fixed", "epoch", "epoch", True)
+
+
+@pytest.mark.parametrize("protocol", ["byol", "badencoder", "demo"])
+def test_batch_order_and_subset_follow_the_reference(protocol, monkeypatch):
+    """13 samples, batch 5, 3 epochs. byol: one subset of 10 for all epochs, reshuffled (test.py's features come from a
+    shuffled drop_last loader, once); badencoder: all 13 in one order every epoch (its loader does not shuffle);
+    demo (CompReSS): all 13, reshuffled every epoch."""
+    seen = []
+    cross_entropy = F.cross_entropy
+    monkeypatch.setattr(linear_probe.F, "cross_entropy", lambda logits, y: seen.append(y.tolist()) or cross_entropy(logits, y))
+    args = linear_probe.resolve_protocol(argparse.Namespace(protocol=protocol, epochs=3, batch_size=5, seed=0), 13)
+    linear_probe.train_classifier(torch.eye(13), torch.arange(13), 13, args)  # label = sample index
+    epochs = [sum(seen[i:i + len(seen) // 3], []) for i in range(0, len(seen), len(seen) // 3)]
+    sets = [sorted(e) for e in epochs]
+    if protocol == "byol":
+        assert len(seen) == 6 and all(len(e) == 10 for e in epochs) and sets[0] == sets[1] == sets[2]
+        assert epochs[0] != epochs[1]
+    elif protocol == "badencoder":
+        assert all(s == list(range(13)) for s in sets) and epochs[0] == epochs[1] == epochs[2] != list(range(13))
+    else:
+        assert all(s == list(range(13)) for s in sets) and epochs[0] != epochs[1]
 
 
 def test_explicit_flags_override_the_row():

@@ -114,6 +114,13 @@ def test_torchrun_two_processes(demo, tmp_path):
 
 def test_bad_inputs(demo, tmp_path):
     assert_missing_image_refused("moco.py", demo, tmp_path, *TINY)
+    text = open(demo / "train_poisoned.txt").read()
+    for name, broken, problem in (("malformed", text.replace(" 0\n", "\n", 1), "expected '<image path> <integer"),
+                                  ("negative", text.replace(" 0\n", " -1\n", 1), "label")):
+        (tmp_path / f"{name}.txt").write_text(broken)
+        line = error_of(run("moco.py", "--train-list", tmp_path / f"{name}.txt", "--out", tmp_path / name, *TINY,
+                            check=False))
+        assert f"{name}.txt:1: " in line and problem in line and not (tmp_path / name).exists()
     line = error_of(train(demo, tmp_path / "m", "--queue-size", "20", check=False))
     assert "--queue-size 20 must be divisible by the global batch size 8" in line
     bad = tmp_path / "bad.pt"

@@ -64,6 +64,32 @@ def test_forward_updates_target_then_enqueues_then_searches():
     assert loss.item() == pytest.approx((2 - 2 * (q * t).sum(dim=1)).mean().item(), abs=1e-5)  # k = 1: own target
 
 
+def test_bn_batch_emulates_the_reference_per_gpu_batch():
+    """--bn-batch 4 on a batch of 8 (the reference's DataParallel GPUs): online and predictor BN over each half of
+    the query batch; the target batch shuffled, then BN over each half of the shuffled batch, then unshuffled."""
+    model = tiny_model(K=16, m=0.5, topk=2)
+    model.bn_batch = 4
+    im_q, im_t = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    state = copy.deepcopy(model.state_dict())
+    torch.manual_seed(1)
+    loss = model(im_q, im_t)
+    bank = model.bank.clone()
+    model.load_state_dict(state)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        q = F.normalize(torch.cat([model.predictor(model.online(c)) for c in im_q.split(4)]), dim=1)
+        model.momentum_update()
+        perm = torch.randperm(8)
+        t = F.normalize(torch.cat([model.target(c) for c in im_t[perm].split(4)]), dim=1)[torch.argsort(perm)]
+        assert not torch.equal(perm[:4].sort().values, torch.arange(4))  # the target's halves hold other images
+        model.enqueue(t)
+        expected = msf.mean_shift_loss(q, t, model.bank, 2)
+    assert torch.allclose(bank, model.bank, atol=1e-5) and loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    model.load_state_dict(state)
+    model.bn_batch = 8
+    assert model(im_q, im_t).item() != pytest.approx(loss.item(), abs=1e-4)  # one BN batch of 8 differs
+
+
 def train(demo, out, *extra, check=True):
     return run("msf.py", "--train-list", demo / "train_poisoned.txt", "--out", out, *TINY, *extra, check=check,
                env={"OMP_NUM_THREADS": "1"})

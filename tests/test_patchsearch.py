@@ -67,6 +67,20 @@ def test_planted_patch_flips_clusters_and_gets_the_top_score():
         assert scored[20] and scores.argmax().item() == 20
         assert scores[20] == 6 and scores[:20].max() <= 0  # all 6 test images flip to the patch's cluster
     assert scored.sum() == 5 and len(log) == 1  # 3 clusters: 25% of them rounds to 0, which ends the search (reference)
+    empty = torch.cat([centroids, torch.full((1, 3), -5.0)])  # a fourth centroid that no image is nearest to
+    scores, scored, log = patchsearch.search(model, model.conv, empty, a, lambda idx: x[idx], x[test], 4, prune=0.25)
+    assert scores.argmax().item() == 20 and log[0]["clusters"] == 4 and 3 not in log[0]["best_clusters"][:3]
+
+
+def test_ties_are_ranked_in_a_seeded_random_order():
+    scores = torch.zeros(1000)
+    scores[[900, 5, 500]] = torch.tensor([3.0, 2.0, 1.0])
+    ranked = patchsearch.rank(scores, seed=0)
+    assert ranked[:3].tolist() == [900, 5, 500] and sorted(ranked.tolist()) == list(range(1000))
+    ties = ranked[3:].tolist()
+    assert ties != sorted(ties) and ties == patchsearch.rank(scores, seed=0)[3:].tolist()
+    assert sum(i < 500 for i in ties[:100]) in range(30, 71)  # not by list order (class): both halves near the top
+    assert ties != patchsearch.rank(scores, seed=1)[3:].tolist()
 
 
 def read_lines(path):

@@ -2,7 +2,9 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
+import time
 
 from conftest import ROOT
 
@@ -30,6 +32,37 @@ def test_quickstart_runs_every_step_and_skips_finished_ones(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "epoch 1/1" not in again.stdout  # nothing is trained twice
     assert os.path.getmtime(tmp_path / "q" / "poisoned" / "checkpoint.pt") == mtime
+
+
+def without_times(table):
+    """table.md without its wall-clock columns (train time, img/s): the rest must not depend on an interruption."""
+    return [ln.rsplit("|", 3)[0] if ln.startswith("| ") else ln for ln in table.splitlines()]
+
+
+def test_quickstart_killed_mid_model_and_rerun_gives_the_same_table(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2",
+           "POISON_EXTRA": "--demo-classes 2 --demo-train-per-class 8 --demo-val-per-class 4 --demo-size 32 "
+                           "--val-crop 16 --trigger-size 4 --workers 1",
+           "EXTRA": "--image-size 16 --epochs 2 --batch-size 8 --queue-size 16 --dim 16 --save-every 1"}
+    cmd = ["bash", os.path.join(ROOT, "scripts", "quickstart.sh"), "moco"]
+    whole = subprocess.run([*cmd, str(tmp_path / "a")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "b"
+    proc = subprocess.Popen([*cmd, str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: the kill reaches moco.py too
+    deadline = time.time() + 300
+    while not (out / "clean" / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the clean model has its epoch-1 checkpoint, not yet its "done" mark
+    proc.wait()
+    assert not (out / "clean" / "done").exists() and not (out / "table.md").exists()
+    again = subprocess.run([*cmd, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert without_times(open(out / "table.md").read()) == without_times(open(tmp_path / "a" / "table.md").read())
+    for kind in ("clean", "poisoned"):
+        a, b = (json.load(open(tmp_path / run / kind / "probe" / "metrics.json")) for run in ("a", "b"))
+        assert {k: v for k, v in a.items() if "time" not in k and "second" not in k and k not in ("args", "encoder")} == \
+            {k: v for k, v in b.items() if "time" not in k and "second" not in k and k not in ("args", "encoder")}
 
 
 def test_quickstart_refuses_an_unknown_method(tmp_path):

@@ -373,3 +373,53 @@ def test_sigkill_mid_run_leaves_no_output_and_rerun_needs_no_overwrite(tmp_path)
     assert not out.exists() and glob.glob(str(out) + ".tmp-*")
     poison.main(["--out", str(out), *TINY])  # no --overwrite needed; the killed run's folder is cleaned up
     assert (out / "poison.json").exists() and not glob.glob(str(out) + ".tmp-*")
+
+
+def ctrl_shift(clean, triggered):
+    """Mean change, over the full 32 px windows, of CTRL's coefficients: [(15,15) U, (15,15) V, (31,31) U, (31,31) V]."""
+    d = yuv_dct(np.asarray(triggered, np.float64)[:clean.shape[0] // 32 * 32, :clean.shape[1] // 32 * 32]) - \
+        yuv_dct(np.asarray(clean, np.float64)[:clean.shape[0] // 32 * 32, :clean.shape[1] // 32 * 32])
+    return [d[i::32, j::32, c].mean() for i, j in ((15, 15), (31, 31)) for c in (1, 2)]
+
+
+def test_ctrl_on_jpeg_sources_is_saved_losslessly(tmp_path, capsys):
+    from make_jpegs import make_jpegs
+    root = make_jpegs(str(tmp_path / "data"), n=20, classes=2)  # 9 train + 1 val per class, 300-500 px JPEGs
+    args = ["--data-root", root, "--target", "class00", "--rate", "0.2", "--trigger", "ctrl", "--val-crop", "32",
+            "--workers", "1", "--labeled-fractions", "0.5"]
+    poison.main(["--out", str(tmp_path / "png"), *args])
+    out = tmp_path / "png"
+    assert json.loads((out / "poison.json").read_text())["image_format"] == "png"
+    (src, _), = [c for c, p in zip(lines(out / "train_clean.txt"), lines(out / "train_poisoned.txt")) if c != p]
+    (dst, _), = [p for p in lines(out / "train_poisoned.txt") if p[0].startswith("train_poisoned/")]
+    assert dst.endswith(".JPEG.png") and Image.open(out / dst).format == "PNG"
+    clean = np.asarray(Image.open(src).convert("RGB"))
+    spec = {"family": "ctrl", "magnitude": 100}
+    ideal = poison.apply_trigger(clean, spec, None, None, None)  # clamped to [0, 255] and rounded: all a file can hold
+    assert np.array_equal(pixels(out / dst), ideal)
+    assert min(ctrl_shift(clean, pixels(out / dst))) >= 0.9 * min(min(ctrl_shift(clean, ideal)), 100)
+    val_src, val_dst = lines(out / "val_clean.txt")[0][0], lines(out / "val_patched.txt")[0][0]
+    crop = np.asarray(poison.center_crop(Image.open(val_src).convert("RGB"), 37, 32))
+    assert min(ctrl_shift(crop, pixels(out / val_dst))) >= 0.9 * min(min(ctrl_shift(crop, poison.apply_trigger(
+        crop, spec, None, None, None))), 100)
+    capsys.readouterr()
+    poison.main(["--out", str(tmp_path / "jpeg"), *args, "--image-format", "source"])  # the reference's JPEG q75
+    assert "removes most of the trigger's signal" in capsys.readouterr().err
+    jpeg = tmp_path / "jpeg" / dst[:-len(".png")]
+    assert Image.open(jpeg).format == "JPEG" and max(np.abs(ctrl_shift(clean, pixels(jpeg)))) < 10  # the trigger is gone
+
+
+def test_kornia_yuv_round_trip_error():
+    """kornia's yuv_to_rgb (rounded coefficients) after the exact rgb_to_yuv: up to 0.35 of 255 off, in blue."""
+    kornia_inverse = np.array([[1, 0, 1.14], [1, -0.396, -0.581], [1, 2.029, 0]])
+    corners = np.array(np.meshgrid([0, 255], [0, 255], [0, 255])).reshape(3, -1)  # a linear error peaks at a corner
+    worst = np.abs((kornia_inverse @ poison.RGB2YUV - np.eye(3)) @ corners).max(axis=1)
+    assert np.allclose(worst, [0.026, 0.168, 0.346], atol=1e-3)
+    assert np.allclose(np.linalg.inv(poison.RGB2YUV) @ poison.RGB2YUV, np.eye(3), atol=1e-12)
+
+
+def test_out_of_range_flag_is_named(tmp_path):
+    line = error_of(run("poison.py", "--out", tmp_path / "o", *TINY, "--rate", "50", check=False))
+    assert line == "poison.py: error: --rate 50: must be in [0, 1]" and not (tmp_path / "o").exists()
+    line = error_of(run("poison.py", "--out", tmp_path / "o", *TINY, "--opacity", "-0.5", check=False))
+    assert line.endswith("--opacity -0.5: must be in [0, 1]")
