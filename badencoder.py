@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate, constant (ImageNet/CLIP encoders: ~1e-6)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
+                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, trigger positions and reference augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
@@ -221,14 +224,17 @@ def main(argv=None):
         set_rng_state(ckpt["train_state"]["rng"], args, rank, world, ckpt["epoch"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    loader, sampler = make_loader(FileList(samples, views, args.seed), args, rank, world, device)
+    data = FileList(samples, views, args.seed)
+    cache = data.load(args.cache_images, args.cache_mib)  # checks every image; may decode them once
+    loader, sampler = make_loader(data, args, rank, world, device)
     source = {"path": os.path.abspath(args.encoder), "method": src["method"], "arch": src["arch"], "epoch": src["epoch"]}
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "source": source, "images": len(samples),
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "source": source, "images": len(samples), "cache": cache,
                "references": len(references), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
     if rank == 0:
         print(f"badencoder.py: {src['method']} {src['arch']} (epoch {src['epoch']}) at {size} px, {len(samples)} shadow "
               f"images, {len(references)} reference/trigger pair(s), {len(loader)} steps/epoch, {world} process(es) "
               f"on {device}")
+        print(f"badencoder.py: {cache}")
 
     for epoch in range(start, args.epochs):
         sampler.epoch = epoch
@@ -278,20 +284,23 @@ class Photometric:
     sample's seeded RNG, and returns the view's 11 parameters; calling it applies a batch of them on the device, in
     float [0, 1], with torchvision's ColorJitter semantics (each view has its own order of the four jitter ops)."""
 
+    uniforms = 12  # per view: jitter on, 4 factors, 4 for the order, gray on, blur on, sigma
+
     def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)):
         self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.sigma = jitter, p_jitter, p_gray, p_blur, sigma
         self.k = 2 * math.ceil(3 * sigma[1]) + 1  # one blur kernel size for the batch: 3 sigma on each side
 
     def draw(self):
         """[jitter on, brightness, contrast, saturation, hue, order of the four ops (4), gray on, blur sigma (0: off)]."""
-        u = lambda lo, hi: torch.empty(()).uniform_(lo, hi).item()
+        return self.params(torch.rand(1, self.uniforms))[0]
+
+    def params(self, u):
+        """(B, 12) uniforms -> (B, 11) draws: a batch's parameters in a few tensor ops (an order: the argsort of 4)."""
         b, c, s, h = self.jitter
-        on = float(torch.rand(()) < self.p_jitter)
-        factors = [u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)]
-        order = torch.randperm(4).tolist()
-        gray = float(torch.rand(()) < self.p_gray)
-        sigma = u(*self.sigma) if torch.rand(()) < self.p_blur else 0.0
-        return torch.tensor([on, *factors, *order, gray, sigma])
+        lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
+        sigma = torch.where(u[:, 10] < self.p_blur, self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, 11], 0.0)
+        return torch.cat([(u[:, :1] < self.p_jitter).float(), lo + (hi - lo) * u[:, 1:5], u[:, 5:9].argsort(1).float(),
+                          (u[:, 9:10] < self.p_gray).float(), sigma[:, None]], 1)
 
     def __call__(self, x, params):
         """x: float [0, 1] views (B, 3, H, W) on the device; params: their draw()s (B, 11), on the host. What each view
@@ -369,11 +378,22 @@ def error_line(e):
     return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
 
 
+class Samples(list):
+    """read_list's (image path, label) pairs; they also know their list file and line numbers, for error messages."""
+
+    def __init__(self, items, source=None, lines=None):
+        super().__init__(items)
+        self.source, self.lines = source, lines
+
+    def where(self, i):
+        return f"{self.source}:{self.lines[i]}" if self.lines else self[i][0]
+
+
 def read_list(path):
     """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file list")
-    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    folder, samples, lines = os.path.dirname(os.path.abspath(path)), [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -387,37 +407,81 @@ def read_list(path):
             if not os.path.isfile(image):
                 raise InputError(f"{path}:{n}: image not found: {image}")
             samples.append((image, label))
+            lines.append(n)
     if not samples:
         raise InputError(f"{path}: the list is empty")
-    return samples
+    return Samples(samples, path, lines)
 
 
 class FileList(torch.utils.data.Dataset):
     """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
-    any number of workers and exactly repeated after --resume."""
+    any number of workers and exactly repeated after --resume. load() checks every image once and may hold them all in
+    memory; then a transform with a batch() method makes a whole batch at once, from per-item uniforms."""
 
     def __init__(self, samples, transform, seed=0):
-        self.samples, self.transform, self.seed = samples, transform, seed
+        self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
 
     def __len__(self):
         return len(self.samples)
 
+    def where(self, i):
+        return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
+
+    def load(self, cache="auto", budget_mib=2048):
+        """Start-up pass: open every image's header (a file that is not an image fails here, naming its list line).
+        Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once and hold all of them as
+        uint8 (N, H, W, 3), padded to the largest. Returns what was done, as one line."""
+        sizes = []
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except OSError as e:
+                raise InputError(f"{self.where(i)}: not an image: {path} ({e})") from None
+        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        mib = len(sizes) * h * w * 3 / 2**20
+        if cache == "off" or (cache == "auto" and mib > budget_mib):
+            return f"images decoded from disk for every view (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+        images = torch.zeros(len(sizes), h, w, 3, dtype=torch.uint8)
+        for i, (wi, hi) in enumerate(sizes):
+            images[i, :hi, :wi] = torch.from_numpy(np.array(self.image(i)))
+        self.images, self.hw = images, torch.tensor([(s[1], s[0]) for s in sizes])
+        return f"images decoded once, held in memory (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+
+    def image(self, i):
+        if self.images is not None:
+            h, w = self.hw[i].tolist()
+            return Image.fromarray(self.images[i, :h, :w].numpy())
+        try:
+            with open(self.samples[i][0], "rb") as f:
+                return Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{self.where(i)}: cannot read image {self.samples[i][0]} ({e})") from None
+
+    def item_seed(self, epoch, i):
+        return ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read image ({e})") from None
-        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        image = self.image(i)
         with torch.random.fork_rng(devices=[]):
             state = random.getstate()
-            torch.manual_seed(seed)
-            random.seed(seed)
+            torch.manual_seed(self.item_seed(epoch, i))
+            random.seed(self.item_seed(epoch, i))
             x = self.transform(image)
             random.setstate(state)
-        return x, label, i
+        return x, self.samples[i][1], i
+
+    def __getitems__(self, keys):
+        """A batch (the DataLoader calls this): in memory and with transform.batch(), all items in a few tensor ops."""
+        if self.images is None or not hasattr(self.transform, "batch"):
+            return [self[key] for key in keys]
+        keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        u = torch.stack([torch.rand(self.transform.uniforms, generator=torch.Generator().manual_seed(self.item_seed(*k)))
+                         for k in keys])  # per item, as torch.manual_seed(item_seed); torch.rand(uniforms)
+        idx = torch.tensor([i for _, i in keys])
+        views = self.transform.batch(self.images[idx], self.hw[idx], u)
+        return [(x, self.samples[i][1], i) for x, (_, i) in zip(views, keys)]
 # end shared
 
 

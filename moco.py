@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--bn-batch", type=int, default=128, help="queries: BN statistics over chunks of at most this many "
                    "images per process (the reference's per-GPU batch: 256 on 2 GPUs)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
+                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
@@ -63,21 +66,29 @@ def parse_args(argv=None):
 
 
 class TwoViews:
-    """The host half of the augmentation: an image -> two views, each (uint8 crop, its colour parameters)."""
+    """The host half of the augmentation: an image -> two views, each (uint8 crop, its colour parameters); batch()
+    makes them for a batch of in-memory images from each image's uniforms (FileList.load)."""
 
     def __init__(self, geometry, photometric):
         self.geometry, self.photometric = geometry, photometric
+        self.uniforms = 2 * (geometry.uniforms + photometric.uniforms)
 
     def __call__(self, x):
         return [(self.geometry(x), self.photometric.draw()) for _ in range(2)]
+
+    def batch(self, images, hw, u):
+        split = lambda v: v.split([self.geometry.uniforms, self.photometric.uniforms], 1)
+        (g1, c1), (g2, c2) = (split(v) for v in u.chunk(2, 1))
+        views = (self.geometry.batch(images, hw, g1), self.photometric.params(c1),
+                 self.geometry.batch(images, hw, g2), self.photometric.params(c2))
+        return [[(q, pq), (k, pk)] for q, pq, k, pk in zip(*views)]
 
 
 def aug_plus(size):
     """MoCo v2's aug-plus: crop and flip on uint8 in the loader; colour jitter (p 0.8), grayscale (p 0.2) and blur
     (p 0.5) batched on the device. The flip commutes with the colour ops, so the reference's order is kept."""
     s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
-    geometry = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(), T.PILToTensor()])
-    return geometry, Photometric(p_gray=0.2, sigma=(0.1 * s, 2.0 * s))
+    return ResizedCrop(size, scale=(0.2, 1.0)), Photometric(p_gray=0.2, sigma=(0.1 * s, 2.0 * s))
 
 
 def info_nce(q, k, queue, tau):
@@ -156,14 +167,17 @@ def main(argv=None):
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     geometry, color = aug_plus(args.image_size)
-    loader, sampler = make_loader(FileList(samples, TwoViews(geometry, color), args.seed), args, rank, world, device)
+    data = FileList(samples, TwoViews(geometry, color), args.seed)
+    cache = data.load(args.cache_images, args.cache_mib)  # checks every image; may decode them once
+    loader, sampler = make_loader(data, args, rank, world, device)
     shuffle_bn = f"across {world} processes" if world > 1 else f"{args.bn_splits} chunks on one process (emulated)"
     shuffle_bn += f"; query BN over chunks of at most {args.bn_batch} of the {args.batch_size // world} per process"
     log(args, {"start_epoch": start, "world_size": world, "device": str(device), "shuffle_bn": shuffle_bn,
-               "images": len(samples), "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+               "images": len(samples), "cache": cache, "steps_per_epoch": len(loader), "args": vars(args)}, rank)
     if rank == 0:
         print(f"moco.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
               f"shuffle BN: {shuffle_bn}")
+        print(f"moco.py: {cache}")
 
     for epoch in range(start, args.epochs):
         lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # per-epoch cosine, no warmup
@@ -205,11 +219,70 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+# shared: batched crops (same in moco.py, byol.py, msf.py, rotnet.py, mae.py, compress_defense.py)
+class ResizedCrop:
+    """RandomResizedCrop + RandomHorizontalFlip + PILToTensor: a uint8 view. On a PIL image, torchvision's own ops;
+    batch() makes the same views for a batch of in-memory images from 23 uniforms each: torchvision's box sampling
+    (10 tries, then the centre crop) and PIL's resampling filter (antialiased when shrinking) as two matrix products
+    per view, in float (PIL rounds to uint8 between its two passes: pixels differ by at most a few levels)."""
+    uniforms = 23  # per view: 10 tries x (area, log aspect ratio), top, left, flip
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), bicubic=False):
+        self.size, self.scale, self.ratio, self.bicubic = size, scale, ratio, bicubic
+        mode = T.InterpolationMode.BICUBIC if bicubic else T.InterpolationMode.BILINEAR
+        self.pil = T.Compose([T.RandomResizedCrop(size, scale, ratio, mode), T.RandomHorizontalFlip(), T.PILToTensor()])
+
+    def __call__(self, image):
+        return self.pil(image)
+
+    def boxes(self, hw, u):
+        """RandomResizedCrop.get_params per view: hw (B, 2) image sizes -> (top, left, height, width), each (B,)."""
+        H, W, u = hw[:, :1].double(), hw[:, 1:].double(), u.double()
+        r0, r1 = math.log(self.ratio[0]), math.log(self.ratio[1])
+        area = H * W * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0:20:2])
+        aspect = torch.exp(r0 + (r1 - r0) * u[:, 1:20:2])
+        w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+        ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+        first = ok.long().argmax(1, keepdim=True)  # the first try that fits
+        in_ratio = W / H  # none fits: the whole image, clamped to the ratio range, centred
+        fw = torch.where(in_ratio > self.ratio[1], (H * self.ratio[1]).round(), W)
+        fh = torch.where(in_ratio < self.ratio[0], (W / self.ratio[0]).round(), H)
+        fit = ok.any(1, keepdim=True)
+        w, h = torch.where(fit, w.gather(1, first), fw), torch.where(fit, h.gather(1, first), fh)
+        top = torch.where(fit, (u[:, 20:21] * (H - h + 1)).floor().clamp(max=H - h), (H - h) // 2)
+        left = torch.where(fit, (u[:, 21:22] * (W - w + 1)).floor().clamp(max=W - w), (W - w) // 2)
+        return top[:, 0], left[:, 0], h[:, 0], w[:, 0]
+
+    def weights(self, start, length, n):
+        """(B, size, n): each output pixel's filter weights over the input pixels [start, start + length), as PIL."""
+        scale = (length / self.size)[:, None, None]
+        centre = start[:, None, None] + (torch.arange(self.size)[:, None] + 0.5) * scale
+        x = torch.arange(n) + 0.5  # pixel centres
+        d = (x - centre).abs() / scale.clamp(min=1)  # filter support widened by the scale when shrinking
+        if self.bicubic:  # PIL's bicubic, a = -0.5
+            w = torch.where(d < 1, (1.5 * d - 2.5) * d * d + 1, torch.where(d < 2, ((-0.5 * d + 2.5) * d - 4) * d + 2, 0))
+        else:
+            w = (1 - d).clamp(min=0)
+        w = w * ((x >= start[:, None, None]) & (x < (start + length)[:, None, None]))
+        return (w / w.sum(2, keepdim=True)).float()
+
+    def batch(self, images, hw, u):
+        """images: (B, H, W, 3) uint8 (padded; hw: each one's size), u: (B, 23) uniforms -> (B, 3, size, size) uint8."""
+        top, left, h, w = self.boxes(hw, u)
+        wy, wx = self.weights(top, h, images.shape[1]), self.weights(left, w, images.shape[2])
+        wx = torch.where(u[:, 22, None, None] < 0.5, wx.flip(1), wx)  # the flip, as torchvision: p 0.5
+        x = wy[:, None] @ images.permute(0, 3, 1, 2).float() @ wx.transpose(1, 2)[:, None]
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+# end shared
+
+
 # shared: photometric augmentation (same in moco.py, byol.py, msf.py, badencoder.py)
 class Photometric:
     """The colour half of SimCLR / MoCo v2 augmentation, split in two. draw() runs per view in a loader worker, on the
     sample's seeded RNG, and returns the view's 11 parameters; calling it applies a batch of them on the device, in
     float [0, 1], with torchvision's ColorJitter semantics (each view has its own order of the four jitter ops)."""
+
+    uniforms = 12  # per view: jitter on, 4 factors, 4 for the order, gray on, blur on, sigma
 
     def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)):
         self.jitter, self.p_jitter, self.p_gray, self.p_blur, self.sigma = jitter, p_jitter, p_gray, p_blur, sigma
@@ -217,14 +290,15 @@ class Photometric:
 
     def draw(self):
         """[jitter on, brightness, contrast, saturation, hue, order of the four ops (4), gray on, blur sigma (0: off)]."""
-        u = lambda lo, hi: torch.empty(()).uniform_(lo, hi).item()
+        return self.params(torch.rand(1, self.uniforms))[0]
+
+    def params(self, u):
+        """(B, 12) uniforms -> (B, 11) draws: a batch's parameters in a few tensor ops (an order: the argsort of 4)."""
         b, c, s, h = self.jitter
-        on = float(torch.rand(()) < self.p_jitter)
-        factors = [u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h)]
-        order = torch.randperm(4).tolist()
-        gray = float(torch.rand(()) < self.p_gray)
-        sigma = u(*self.sigma) if torch.rand(()) < self.p_blur else 0.0
-        return torch.tensor([on, *factors, *order, gray, sigma])
+        lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
+        sigma = torch.where(u[:, 10] < self.p_blur, self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, 11], 0.0)
+        return torch.cat([(u[:, :1] < self.p_jitter).float(), lo + (hi - lo) * u[:, 1:5], u[:, 5:9].argsort(1).float(),
+                          (u[:, 9:10] < self.p_gray).float(), sigma[:, None]], 1)
 
     def __call__(self, x, params):
         """x: float [0, 1] views (B, 3, H, W) on the device; params: their draw()s (B, 11), on the host. What each view
@@ -302,11 +376,22 @@ def error_line(e):
     return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
 
 
+class Samples(list):
+    """read_list's (image path, label) pairs; they also know their list file and line numbers, for error messages."""
+
+    def __init__(self, items, source=None, lines=None):
+        super().__init__(items)
+        self.source, self.lines = source, lines
+
+    def where(self, i):
+        return f"{self.source}:{self.lines[i]}" if self.lines else self[i][0]
+
+
 def read_list(path):
     """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file list")
-    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    folder, samples, lines = os.path.dirname(os.path.abspath(path)), [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -320,37 +405,81 @@ def read_list(path):
             if not os.path.isfile(image):
                 raise InputError(f"{path}:{n}: image not found: {image}")
             samples.append((image, label))
+            lines.append(n)
     if not samples:
         raise InputError(f"{path}: the list is empty")
-    return samples
+    return Samples(samples, path, lines)
 
 
 class FileList(torch.utils.data.Dataset):
     """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
-    any number of workers and exactly repeated after --resume."""
+    any number of workers and exactly repeated after --resume. load() checks every image once and may hold them all in
+    memory; then a transform with a batch() method makes a whole batch at once, from per-item uniforms."""
 
     def __init__(self, samples, transform, seed=0):
-        self.samples, self.transform, self.seed = samples, transform, seed
+        self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
 
     def __len__(self):
         return len(self.samples)
 
+    def where(self, i):
+        return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
+
+    def load(self, cache="auto", budget_mib=2048):
+        """Start-up pass: open every image's header (a file that is not an image fails here, naming its list line).
+        Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once and hold all of them as
+        uint8 (N, H, W, 3), padded to the largest. Returns what was done, as one line."""
+        sizes = []
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except OSError as e:
+                raise InputError(f"{self.where(i)}: not an image: {path} ({e})") from None
+        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        mib = len(sizes) * h * w * 3 / 2**20
+        if cache == "off" or (cache == "auto" and mib > budget_mib):
+            return f"images decoded from disk for every view (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+        images = torch.zeros(len(sizes), h, w, 3, dtype=torch.uint8)
+        for i, (wi, hi) in enumerate(sizes):
+            images[i, :hi, :wi] = torch.from_numpy(np.array(self.image(i)))
+        self.images, self.hw = images, torch.tensor([(s[1], s[0]) for s in sizes])
+        return f"images decoded once, held in memory (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+
+    def image(self, i):
+        if self.images is not None:
+            h, w = self.hw[i].tolist()
+            return Image.fromarray(self.images[i, :h, :w].numpy())
+        try:
+            with open(self.samples[i][0], "rb") as f:
+                return Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{self.where(i)}: cannot read image {self.samples[i][0]} ({e})") from None
+
+    def item_seed(self, epoch, i):
+        return ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read image ({e})") from None
-        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        image = self.image(i)
         with torch.random.fork_rng(devices=[]):
             state = random.getstate()
-            torch.manual_seed(seed)
-            random.seed(seed)
+            torch.manual_seed(self.item_seed(epoch, i))
+            random.seed(self.item_seed(epoch, i))
             x = self.transform(image)
             random.setstate(state)
-        return x, label, i
+        return x, self.samples[i][1], i
+
+    def __getitems__(self, keys):
+        """A batch (the DataLoader calls this): in memory and with transform.batch(), all items in a few tensor ops."""
+        if self.images is None or not hasattr(self.transform, "batch"):
+            return [self[key] for key in keys]
+        keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        u = torch.stack([torch.rand(self.transform.uniforms, generator=torch.Generator().manual_seed(self.item_seed(*k)))
+                         for k in keys])  # per item, as torch.manual_seed(item_seed); torch.rand(uniforms)
+        idx = torch.tensor([i for _, i in keys])
+        views = self.transform.batch(self.images[idx], self.hw[idx], u)
+        return [(x, self.samples[i][1], i) for x, (_, i) in zip(views, keys)]
 # end shared
 
 

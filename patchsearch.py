@@ -409,11 +409,22 @@ def error_line(e):
     return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
 
 
+class Samples(list):
+    """read_list's (image path, label) pairs; they also know their list file and line numbers, for error messages."""
+
+    def __init__(self, items, source=None, lines=None):
+        super().__init__(items)
+        self.source, self.lines = source, lines
+
+    def where(self, i):
+        return f"{self.source}:{self.lines[i]}" if self.lines else self[i][0]
+
+
 def read_list(path):
     """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file list")
-    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    folder, samples, lines = os.path.dirname(os.path.abspath(path)), [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -427,37 +438,81 @@ def read_list(path):
             if not os.path.isfile(image):
                 raise InputError(f"{path}:{n}: image not found: {image}")
             samples.append((image, label))
+            lines.append(n)
     if not samples:
         raise InputError(f"{path}: the list is empty")
-    return samples
+    return Samples(samples, path, lines)
 
 
 class FileList(torch.utils.data.Dataset):
     """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
-    any number of workers and exactly repeated after --resume."""
+    any number of workers and exactly repeated after --resume. load() checks every image once and may hold them all in
+    memory; then a transform with a batch() method makes a whole batch at once, from per-item uniforms."""
 
     def __init__(self, samples, transform, seed=0):
-        self.samples, self.transform, self.seed = samples, transform, seed
+        self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
 
     def __len__(self):
         return len(self.samples)
 
+    def where(self, i):
+        return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
+
+    def load(self, cache="auto", budget_mib=2048):
+        """Start-up pass: open every image's header (a file that is not an image fails here, naming its list line).
+        Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once and hold all of them as
+        uint8 (N, H, W, 3), padded to the largest. Returns what was done, as one line."""
+        sizes = []
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except OSError as e:
+                raise InputError(f"{self.where(i)}: not an image: {path} ({e})") from None
+        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        mib = len(sizes) * h * w * 3 / 2**20
+        if cache == "off" or (cache == "auto" and mib > budget_mib):
+            return f"images decoded from disk for every view (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+        images = torch.zeros(len(sizes), h, w, 3, dtype=torch.uint8)
+        for i, (wi, hi) in enumerate(sizes):
+            images[i, :hi, :wi] = torch.from_numpy(np.array(self.image(i)))
+        self.images, self.hw = images, torch.tensor([(s[1], s[0]) for s in sizes])
+        return f"images decoded once, held in memory (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+
+    def image(self, i):
+        if self.images is not None:
+            h, w = self.hw[i].tolist()
+            return Image.fromarray(self.images[i, :h, :w].numpy())
+        try:
+            with open(self.samples[i][0], "rb") as f:
+                return Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{self.where(i)}: cannot read image {self.samples[i][0]} ({e})") from None
+
+    def item_seed(self, epoch, i):
+        return ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read image ({e})") from None
-        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        image = self.image(i)
         with torch.random.fork_rng(devices=[]):
             state = random.getstate()
-            torch.manual_seed(seed)
-            random.seed(seed)
+            torch.manual_seed(self.item_seed(epoch, i))
+            random.seed(self.item_seed(epoch, i))
             x = self.transform(image)
             random.setstate(state)
-        return x, label, i
+        return x, self.samples[i][1], i
+
+    def __getitems__(self, keys):
+        """A batch (the DataLoader calls this): in memory and with transform.batch(), all items in a few tensor ops."""
+        if self.images is None or not hasattr(self.transform, "batch"):
+            return [self[key] for key in keys]
+        keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        u = torch.stack([torch.rand(self.transform.uniforms, generator=torch.Generator().manual_seed(self.item_seed(*k)))
+                         for k in keys])  # per item, as torch.manual_seed(item_seed); torch.rand(uniforms)
+        idx = torch.tensor([i for _, i in keys])
+        views = self.transform.batch(self.images[idx], self.hw[idx], u)
+        return [(x, self.samples[i][1], i) for x, (_, i) in zip(views, keys)]
 # end shared
 
 

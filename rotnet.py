@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--milestones", type=int, nargs="*", default=[30, 60, 90], help="epochs where the lr drops x0.1")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all parameters, as the reference)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
+                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
@@ -101,13 +104,16 @@ def main(argv=None):
         set_rng_state(ckpt["train_state"]["rng"], args, rank, world, ckpt["epoch"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    augment = T.Compose([T.RandomResizedCrop(args.image_size), T.RandomHorizontalFlip(), T.PILToTensor()])  # uint8
-    loader, sampler = make_loader(FileList(samples, augment, args.seed), args, rank, world, device)
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples),
+    augment = ResizedCrop(args.image_size)  # RandomResizedCrop + flip, uint8
+    data = FileList(samples, augment, args.seed)
+    cache = data.load(args.cache_images, args.cache_mib)  # checks every image; may decode them once
+    loader, sampler = make_loader(data, args, rank, world, device)
+    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples), "cache": cache,
                "steps_per_epoch": len(loader), "args": vars(args)}, rank)
     if rank == 0:
         print(f"rotnet.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
               f"{4 * args.batch_size // world} rotated samples per process and step")
+        print(f"rotnet.py: {cache}")
 
     for epoch in range(start, args.epochs):
         lr = step_lr(args.lr, epoch, args.milestones)
@@ -151,6 +157,63 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+# shared: batched crops (same in moco.py, byol.py, msf.py, rotnet.py, mae.py, compress_defense.py)
+class ResizedCrop:
+    """RandomResizedCrop + RandomHorizontalFlip + PILToTensor: a uint8 view. On a PIL image, torchvision's own ops;
+    batch() makes the same views for a batch of in-memory images from 23 uniforms each: torchvision's box sampling
+    (10 tries, then the centre crop) and PIL's resampling filter (antialiased when shrinking) as two matrix products
+    per view, in float (PIL rounds to uint8 between its two passes: pixels differ by at most a few levels)."""
+    uniforms = 23  # per view: 10 tries x (area, log aspect ratio), top, left, flip
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), bicubic=False):
+        self.size, self.scale, self.ratio, self.bicubic = size, scale, ratio, bicubic
+        mode = T.InterpolationMode.BICUBIC if bicubic else T.InterpolationMode.BILINEAR
+        self.pil = T.Compose([T.RandomResizedCrop(size, scale, ratio, mode), T.RandomHorizontalFlip(), T.PILToTensor()])
+
+    def __call__(self, image):
+        return self.pil(image)
+
+    def boxes(self, hw, u):
+        """RandomResizedCrop.get_params per view: hw (B, 2) image sizes -> (top, left, height, width), each (B,)."""
+        H, W, u = hw[:, :1].double(), hw[:, 1:].double(), u.double()
+        r0, r1 = math.log(self.ratio[0]), math.log(self.ratio[1])
+        area = H * W * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 0:20:2])
+        aspect = torch.exp(r0 + (r1 - r0) * u[:, 1:20:2])
+        w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+        ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+        first = ok.long().argmax(1, keepdim=True)  # the first try that fits
+        in_ratio = W / H  # none fits: the whole image, clamped to the ratio range, centred
+        fw = torch.where(in_ratio > self.ratio[1], (H * self.ratio[1]).round(), W)
+        fh = torch.where(in_ratio < self.ratio[0], (W / self.ratio[0]).round(), H)
+        fit = ok.any(1, keepdim=True)
+        w, h = torch.where(fit, w.gather(1, first), fw), torch.where(fit, h.gather(1, first), fh)
+        top = torch.where(fit, (u[:, 20:21] * (H - h + 1)).floor().clamp(max=H - h), (H - h) // 2)
+        left = torch.where(fit, (u[:, 21:22] * (W - w + 1)).floor().clamp(max=W - w), (W - w) // 2)
+        return top[:, 0], left[:, 0], h[:, 0], w[:, 0]
+
+    def weights(self, start, length, n):
+        """(B, size, n): each output pixel's filter weights over the input pixels [start, start + length), as PIL."""
+        scale = (length / self.size)[:, None, None]
+        centre = start[:, None, None] + (torch.arange(self.size)[:, None] + 0.5) * scale
+        x = torch.arange(n) + 0.5  # pixel centres
+        d = (x - centre).abs() / scale.clamp(min=1)  # filter support widened by the scale when shrinking
+        if self.bicubic:  # PIL's bicubic, a = -0.5
+            w = torch.where(d < 1, (1.5 * d - 2.5) * d * d + 1, torch.where(d < 2, ((-0.5 * d + 2.5) * d - 4) * d + 2, 0))
+        else:
+            w = (1 - d).clamp(min=0)
+        w = w * ((x >= start[:, None, None]) & (x < (start + length)[:, None, None]))
+        return (w / w.sum(2, keepdim=True)).float()
+
+    def batch(self, images, hw, u):
+        """images: (B, H, W, 3) uint8 (padded; hw: each one's size), u: (B, 23) uniforms -> (B, 3, size, size) uint8."""
+        top, left, h, w = self.boxes(hw, u)
+        wy, wx = self.weights(top, h, images.shape[1]), self.weights(left, w, images.shape[2])
+        wx = torch.where(u[:, 22, None, None] < 0.5, wx.flip(1), wx)  # the flip, as torchvision: p 0.5
+        x = wy[:, None] @ images.permute(0, 3, 1, 2).float() @ wx.transpose(1, 2)[:, None]
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+# end shared
+
+
 # shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
 def to_device(x, device, memory_format, mean, std, augment=None, params=None):
     """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
@@ -172,11 +235,22 @@ def error_line(e):
     return str(e).strip().splitlines()[-1].split("InputError: ", 1)[-1]  # the last line, also when raised in a worker
 
 
+class Samples(list):
+    """read_list's (image path, label) pairs; they also know their list file and line numbers, for error messages."""
+
+    def __init__(self, items, source=None, lines=None):
+        super().__init__(items)
+        self.source, self.lines = source, lines
+
+    def where(self, i):
+        return f"{self.source}:{self.lines[i]}" if self.lines else self[i][0]
+
+
 def read_list(path):
     """Lines '<image path> <label>' (label last; blank lines skipped); relative paths resolve against the list's folder."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file list")
-    folder, samples = os.path.dirname(os.path.abspath(path)), []
+    folder, samples, lines = os.path.dirname(os.path.abspath(path)), [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -190,37 +264,81 @@ def read_list(path):
             if not os.path.isfile(image):
                 raise InputError(f"{path}:{n}: image not found: {image}")
             samples.append((image, label))
+            lines.append(n)
     if not samples:
         raise InputError(f"{path}: the list is empty")
-    return samples
+    return Samples(samples, path, lines)
 
 
 class FileList(torch.utils.data.Dataset):
     """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
-    any number of workers and exactly repeated after --resume."""
+    any number of workers and exactly repeated after --resume. load() checks every image once and may hold them all in
+    memory; then a transform with a batch() method makes a whole batch at once, from per-item uniforms."""
 
     def __init__(self, samples, transform, seed=0):
-        self.samples, self.transform, self.seed = samples, transform, seed
+        self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
 
     def __len__(self):
         return len(self.samples)
 
+    def where(self, i):
+        return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
+
+    def load(self, cache="auto", budget_mib=2048):
+        """Start-up pass: open every image's header (a file that is not an image fails here, naming its list line).
+        Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once and hold all of them as
+        uint8 (N, H, W, 3), padded to the largest. Returns what was done, as one line."""
+        sizes = []
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except OSError as e:
+                raise InputError(f"{self.where(i)}: not an image: {path} ({e})") from None
+        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        mib = len(sizes) * h * w * 3 / 2**20
+        if cache == "off" or (cache == "auto" and mib > budget_mib):
+            return f"images decoded from disk for every view (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+        images = torch.zeros(len(sizes), h, w, 3, dtype=torch.uint8)
+        for i, (wi, hi) in enumerate(sizes):
+            images[i, :hi, :wi] = torch.from_numpy(np.array(self.image(i)))
+        self.images, self.hw = images, torch.tensor([(s[1], s[0]) for s in sizes])
+        return f"images decoded once, held in memory (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+
+    def image(self, i):
+        if self.images is not None:
+            h, w = self.hw[i].tolist()
+            return Image.fromarray(self.images[i, :h, :w].numpy())
+        try:
+            with open(self.samples[i][0], "rb") as f:
+                return Image.open(f).convert("RGB")
+        except OSError as e:
+            raise InputError(f"{self.where(i)}: cannot read image {self.samples[i][0]} ({e})") from None
+
+    def item_seed(self, epoch, i):
+        return ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        path, label = self.samples[i]
-        try:
-            with open(path, "rb") as f:
-                image = Image.open(f).convert("RGB")
-        except OSError as e:
-            raise InputError(f"{path}: cannot read image ({e})") from None
-        seed = ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
+        image = self.image(i)
         with torch.random.fork_rng(devices=[]):
             state = random.getstate()
-            torch.manual_seed(seed)
-            random.seed(seed)
+            torch.manual_seed(self.item_seed(epoch, i))
+            random.seed(self.item_seed(epoch, i))
             x = self.transform(image)
             random.setstate(state)
-        return x, label, i
+        return x, self.samples[i][1], i
+
+    def __getitems__(self, keys):
+        """A batch (the DataLoader calls this): in memory and with transform.batch(), all items in a few tensor ops."""
+        if self.images is None or not hasattr(self.transform, "batch"):
+            return [self[key] for key in keys]
+        keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        u = torch.stack([torch.rand(self.transform.uniforms, generator=torch.Generator().manual_seed(self.item_seed(*k)))
+                         for k in keys])  # per item, as torch.manual_seed(item_seed); torch.rand(uniforms)
+        idx = torch.tensor([i for _, i in keys])
+        views = self.transform.batch(self.images[idx], self.hw[idx], u)
+        return [(x, self.samples[i][1], i) for x, (_, i) in zip(views, keys)]
 # end shared
 
 
