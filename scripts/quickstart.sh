@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: poison -> pre-train a clean and a poisoned model -> linear-probe both -> the paper's table
 # (clean/backdoored model x clean/patched val: Acc, target FP, ASR), printed and written to OUT/table.md.
-#   bash scripts/quickstart.sh [METHOD] [OUT]      METHOD: moco (default), byol, msf, jigsaw, rotnet, mae
+#   bash scripts/quickstart.sh [METHOD] [OUT]      METHOD: byol (default), moco, msf, jigsaw, rotnet, mae
 # Environment:
 #   PRESET=demo (default)  built-in demo data, or DATA_ROOT=<folder> [CLASSES=<list>] (your own small data set in the
 #                          ImageNet layout, 32 px crops), small budgets for a 2-core CPU (see docs/methods.md); one
@@ -26,7 +26,7 @@
 # Steps whose outputs exist are skipped, so an interrupted run continues (and RUNS can be raised later); delete OUT to
 # start again. A data folder that exists is kept only if made with the same poison.py flags (poison.py --reuse).
 set -euo pipefail
-METHOD=${1:-moco}
+METHOD=${1:-byol}
 OUT=${2:-runs/quickstart_$METHOD}
 PRESET=${PRESET:-demo}
 SEED=${SEED:-0}

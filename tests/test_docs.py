@@ -84,7 +84,7 @@ def flag_uses(doc):
             elif w.startswith("--") and script:
                 uses.append((script, w.split("=")[0], " ".join(command)))
             if w.endswith("quickstart.sh") or w.endswith("reproduce.sh"):
-                after = command[i + 1] if i + 1 < len(command) else "moco"
+                after = command[i + 1] if i + 1 < len(command) else "byol"  # quickstart.sh's default
                 methods = (after.split() if w.endswith("quickstart.sh") and after in TRAINERS else
                            env.get("METHODS", " ".join(TRAINERS)).split() or TRAINERS)
                 for f in re.findall(r"--[a-z0-9-]+", env.get("EXTRA", "")):
