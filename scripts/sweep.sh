@@ -12,6 +12,8 @@
 set -uo pipefail
 SETTINGS=${1:?usage: bash scripts/sweep.sh SETTINGS ROOT}
 ROOT=${2:?usage: bash scripts/sweep.sh SETTINGS ROOT}
+[ -f "$SETTINGS" ] || { echo "sweep.sh: $SETTINGS: no such settings file" >&2; exit 2; }
+SETTINGS=$(cd "$(dirname "$SETTINGS")" && pwd)/$(basename "$SETTINGS")
 cd "$(dirname "$0")/.."
 mkdir -p "$ROOT/knobs"
 start=$(date +%s)
