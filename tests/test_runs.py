@@ -147,6 +147,20 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
             a, b = (json.load(open(o / f"run{r}" / kind / "probe" / "metrics.json")) for o in (out, tmp_path / "sweep" / "knobs" / "same"))
             assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
                    [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")], (r, kind)
+    # scripts/trigger_sizes.sh: the clean model against run 0's trigger at other sides; at run 0's own side (4 px) it
+    # rebuilds run 0's patched val from poison.json's flags and gives the clean model's probe of run 0
+    sizes_cmd = ["bash", os.path.join(ROOT, "scripts", "trigger_sizes.sh"), str(out / "clean"), str(out / "data" / "run0"),
+                 str(tmp_path / "sizes"), "4 8"]
+    sizes = subprocess.run(sizes_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert sizes.returncode == 0, sizes.stderr[-3000:]
+    a, b = (json.load(open(p)) for p in (out / "run0" / "clean" / "probe" / "metrics.json",
+                                         tmp_path / "sizes" / "t4" / "probe" / "metrics.json"))
+    assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
+           [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")]
+    assert json.load(open(tmp_path / "sizes" / "t8" / "data" / "poison.json"))["trigger"]["size"] == 8
+    assert [ln.split(" | ")[0] for ln in sizes.stdout.splitlines() if ln[:3] in ("| 4", "| 8")] == ["| 4", "| 8"]
+    bad = subprocess.run(sizes_cmd[:2] + [str(tmp_path / "none")] + sizes_cmd[3:], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "none/checkpoint.pt" in bad.stderr
     # PRETRAIN_LIST mode (reproduce.sh's PatchSearch re-training): one model on a given list, probed per data folder
     lone = tmp_path / "lone"
     third = subprocess.run(cmd[:-1] + [str(lone)], cwd=ROOT, capture_output=True, text=True, timeout=600,
