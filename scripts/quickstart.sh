@@ -36,18 +36,20 @@ case $METHOD in moco|byol|msf|jigsaw|rotnet|mae) ;;
   *) echo "quickstart.sh: unknown method '$METHOD' (moco, byol, msf, jigsaw, rotnet, mae)" >&2; exit 2 ;; esac
 
 if [ "$PRESET" = demo ]; then
-  # Built-in demo data (poison.py without --data-root): 8 texture classes, 300 train / 50 val images of 64 px each,
-  # 32 px evaluation crops; the trigger on every target-class train image (--rate 1.0) and 14 px wide. With DATA_ROOT:
-  # that folder instead, with the same budgets (poison.py warns when the trigger is tiny against its train images).
-  DATA_FLAGS="--rate 1.0 --trigger-size 14 ${DATA_ROOT:+--data-root $DATA_ROOT --val-crop 32} ${CLASSES:+--classes $CLASSES}"
+  # Built-in demo data (poison.py without --data-root): 8 texture classes, 300 train / 50 val images of 32 px each, the
+  # size of the crops; the trigger on every target-class train image (--rate 1.0) and 8 px wide: 6% of a val crop (the
+  # paper's 5%), 25-56% of a training view's side (docs/methods.md, "Demo data"). With DATA_ROOT: that folder instead,
+  # with the same budgets (poison.py warns when the trigger is tiny against its train images).
+  DATA_FLAGS="--rate 1.0 --trigger-size 8 ${DATA_ROOT:+--data-root $DATA_ROOT --val-crop 32} ${CLASSES:+--classes $CLASSES}"
+  [ -n "${DATA_ROOT:-}" ] || DATA_FLAGS="--demo-size 32 $DATA_FLAGS"
   [ -z "${DATA_ROOT:-}" ] || TARGET=${TARGET:-0}  # as the built-in demo: class 0 unless TARGET names one
   PROBE_LIST=train_labeled_10pct.txt
   # The same CLI for every method; only the budget-dependent values differ from the paper's recipes.
   COMMON="--image-size 32 --workers 0 --save-every 5"
   case $METHOD in
     moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 128 --m 0.99" ;;  # K = one batch: docs/methods.md, "Demo data"
-    byol)   FLAGS="--epochs 40 --batch-size 128 --warmup-iters 36 --drop" ;;  # 40: docs/results.md, "Knob search"
-    msf)    FLAGS="--epochs 20 --batch-size 128 --bank-size 1536" ;;
+    byol)   FLAGS="--epochs 40 --batch-size 128 --warmup-iters 36 --drop" ;;  # docs/results.md, "Main table"
+    msf)    FLAGS="--epochs 60 --batch-size 128 --bank-size 1536" ;;
     jigsaw) FLAGS="--epochs 4 --batch-size 64 --num-perms 100" ;;
     rotnet) FLAGS="--epochs 6 --batch-size 64" ;;
     mae)    FLAGS="--epochs 30 --batch-size 128 --patch-size 4 --width 128 --depth 4 --heads 4 --decoder-width 64 \

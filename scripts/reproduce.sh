@@ -18,7 +18,7 @@
 # (4. PatchSearch on each run's backdoored MoCo v2 and BYOL models: PATCHSEARCH_METHODS; the DEFENSE_TEACHER's method
 # pre-trained again on the filtered list in ROOT/patchsearch/run<r>/<method>/retrained: PATCHSEARCH_RETRAIN).
 # 5. Other triggers on table 1's runs: TRIGGERS="blend ctrl htba:7" [TRIGGER_METHODS=byol], in ROOT/triggers/<trigger>
-#    (FAMILY:SIZE: that family at SIZE px, in ROOT/triggers/FAMILY_SIZEpx; the demo's HTBA patch is 14 px).
+#    (FAMILY:SIZE: that family at SIZE px, in ROOT/triggers/FAMILY_SIZEpx; the demo's HTBA patch is 8 px).
 # CLASSES: a list of class folder names (wnids); the paper's 100 classes are imagenet100_classes.txt of the reference
 # repository UMBCvision/SSL-Backdoor.
 # Environment: PRESET (demo|paper), RUNS (default: as many as ROOT/data/run<r> holds, at least 1, so a rerun never
