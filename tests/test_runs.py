@@ -93,9 +93,11 @@ def test_tables_over_runs(tmp_path):
     badencoder = tables.badencoder_table(tmp_path / "badencoder")
     assert "| BadEncoder (BA, ASR) | 68.0 ± 0.0 | 75.0 ± 35.4 | 75.0 ± 35.4 | 3.0 ± 0.0 / 262.5 ± 123.7 | - | 2 |" in badencoder
     readme = tmp_path / "README.md"
-    readme.write_text("a\n<!-- BEGIN details -->\nold\n<!-- END details -->\nb\n")
+    readme.write_text("a\n<!-- BEGIN details -->\nold\n<!-- END details -->\nb\n"
+                      "<!-- BEGIN patchsearch -->\nkept\n<!-- END patchsearch -->\n")
     tables.readme(str(readme), str(tmp_path))
     assert "old" not in readme.read_text() and "| moco | 2 | 1 'class1' | 12 |" in readme.read_text()
+    assert not os.path.exists(tmp_path / "patchsearch") and "\nkept\n" in readme.read_text()  # runs of another ROOT
 
 
 def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
