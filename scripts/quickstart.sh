@@ -8,7 +8,7 @@
 #                          linear-probe protocol for every method (linear_probe.py --protocol demo), so the rows compare
 #   PRESET=paper           DATA_ROOT=<ImageNet folder> [CLASSES=<wnid list>]: the paper's recipes (every script's defaults)
 #                          and each method's own reference probe (--protocol METHOD; MSF: moco)
-#   SEED=0  TARGET=<class name or index>  PYTHON=python3
+#   SEED=0  TARGET=<class name or index> (one run: default run SEED's target on the demo's 8 classes, else 0)  PYTHON=python3
 #   LAUNCH="torchrun --nproc_per_node 8" runs the pre-training on 8 GPUs (default: $PYTHON, one process)
 #   EXTRA="<more pre-training flags>"  POISON_EXTRA="<more poison.py flags>" (later flags override the preset's)
 #   RUNS=N  the paper's protocol (scripts/runs.py): one clean model OUT/clean, trained on OUT/data/clean (the data of
@@ -107,8 +107,13 @@ if [ -n "${PRETRAIN_LIST:-}" ]; then  # one model on a given list, probed agains
   for D in "${PROBE_DIRS[@]}"; do
     if [ "${#PROBE_DIRS[@]}" = 1 ]; then probe "$OUT" "$D" "$SEED"; else probe "$OUT" "$D" "$SEED" "$OUT/probe_$(basename "$D")"; fi
   done
-elif [ -z "${RUNS:-}" ]; then  # one run: OUT/data, OUT/clean, OUT/poisoned
-  poison "$OUT/data" --seed "$SEED" ${TARGET:+--target "$TARGET"}
+elif [ -z "${RUNS:-}" ]; then  # one run: OUT/data, OUT/clean, OUT/poisoned; run SEED of RUNS's protocol (scripts/runs.py:
+  # its trigger seed 10 + SEED and, on the built-in demo's default classes without TARGET, its target), so it is a row
+  # of the main table
+  if [ "$PRESET" = demo ] && [ -z "${DATA_ROOT:-}" ] && [ -z "${TARGET:-}" ] && [[ " ${POISON_EXTRA:-} " != *" --demo-classes "* ]]; then
+    TARGET=$($PY scripts/runs.py target "$SEED" "$($PY -c 'import poison; print(len(poison.DEMO_DEFAULT))')")
+  fi
+  poison "$OUT/data" --seed "$SEED" ${TARGET:+--target "$TARGET"} --trigger-seed "$($PY scripts/runs.py trigger-seed "$SEED")"
   for KIND in clean poisoned; do
     pretrain "$OUT/data/train_$KIND.txt" "$OUT/$KIND" "$SEED"
     probe "$OUT/$KIND" "$OUT/data" "$SEED"

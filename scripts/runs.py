@@ -8,6 +8,7 @@ Run r of a measurement (scripts/quickstart.sh and scripts/reproduce.sh with RUNS
 The data (the demo images, val and the labeled subsets: poison.py --data-seed) are the same in every run.
 Standard library only.
   python scripts/runs.py target R POISON_JSON    the name of run r's target class (classes from a poison.json)
+  python scripts/runs.py target R C              its index among C classes in sorted order (poison.py --target)
   python scripts/runs.py trigger-seed R          10 + r
 """
 import json
@@ -28,7 +29,9 @@ def trigger_seed(r):
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
-    if cmd == "target" and len(rest) == 2:
+    if cmd == "target" and len(rest) == 2 and rest[1].isdigit():
+        print(target(int(rest[0]), int(rest[1])))
+    elif cmd == "target" and len(rest) == 2:
         classes = json.load(open(rest[1]))["classes"]
         print(classes[target(int(rest[0]), len(classes))])
     elif cmd == "trigger-seed" and len(rest) == 1:

@@ -32,6 +32,9 @@ def test_target_and_trigger_of_a_run_depend_on_r_alone(tmp_path):
                             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": str(r)}
                             ).stdout.strip() for r in (0, 1, 0)]
     assert names[0] == names[2] == f"c{runs.target(0, 8)}" and names[1] == f"c{runs.target(1, 8)}" != names[0]
+    index = [subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "runs.py"), "target", str(r), "8"],
+                            capture_output=True, text=True, check=True).stdout.strip() for r in (0, 1)]
+    assert [f"c{i}" for i in index] == names[:2]  # quickstart.sh's one run: run SEED's target as an index
 
 
 def metrics(acc_clean, fp_clean, acc_patched, fp_patched, target=2, method="moco"):
