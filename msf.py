@@ -53,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=224, help="training crop size (also recorded for evaluation)")
     p.add_argument("--epochs", type=int, default=200, help="total epochs")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over processes)")
-    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (per-epoch cosine, no warmup)")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate (per-epoch cosine, no warmup)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: the reference's, momentum 0.9; "
+                   "adam: the demo preset's (byol.py's optimizer; docs/methods.md, \"Demo data\")")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all parameters, as the reference)")
     p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
@@ -174,8 +176,11 @@ def main(argv=None):
     model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk, args.bn_batch).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
-                                weight_decay=args.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:  # L2 weight decay in the gradient, as torch.optim.SGD's
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
         ckpt = load_checkpoint(args.resume)

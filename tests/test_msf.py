@@ -112,6 +112,13 @@ def test_resume_continues_exactly(demo, tmp_path):
     assert_resume_is_exact(lambda out, *args: train(demo, out, *args), tmp_path)  # online, predictor, target, bank
 
 
+def test_adam_is_adam_and_resumes_exactly(demo, tmp_path):
+    a, _ = assert_resume_is_exact(lambda out, *args: train(demo, out, "--optimizer", "adam", "--lr", "1e-3", *args),
+                                  tmp_path)
+    state = next(iter(a["train_state"]["optimizer"]["state"].values()))
+    assert {"exp_avg", "exp_avg_sq"} <= set(state) and "momentum_buffer" not in state
+
+
 def test_torchrun_two_processes(demo, tmp_path):
     log, ckpt, _ = torchrun2("msf.py", "--train-list", demo / "train_poisoned.txt", "--out", tmp_path / "d", *TINY,
                              "--bank-size", "32", "--epochs", "1")
