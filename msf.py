@@ -21,6 +21,8 @@ batch first, as the reference.
 Deviations: the bank size is capped at the images of one epoch (whole global batches), since a bank larger than the
 data set fills the neighbours with stale copies of the same image; the log says so. No label bank and no purity
 diagnostic (labels are unknown to SSL). The blur sigma (0.1-2.0 at 224 px) scales with --image-size.
+Options beyond the reference, off by default (docs/methods.md): --optimizer adam, --schedule constant, --warmup-iters,
+--m-schedule cosine, --symmetric.
 """
 import argparse
 import copy
@@ -53,16 +55,24 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=224, help="training crop size (also recorded for evaluation)")
     p.add_argument("--epochs", type=int, default=200, help="total epochs")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over processes)")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate (per-epoch cosine, no warmup)")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate (after the warmup; see --schedule)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="cosine: per epoch, the "
+                   "reference's; constant: --lr throughout (byol.py's demo preset)")
+    p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warmup over the first N global iterations "
+                   "(0: none, the reference's)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: the reference's, momentum 0.9; "
-                   "adam: the demo preset's (byol.py's optimizer; docs/methods.md, \"Demo data\")")
+                   "adam: byol.py's optimizer")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all parameters, as the reference)")
     p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
     p.add_argument("--bank-size", type=int, default=1_024_000, help="K: memory bank size, divisible by the batch size; "
                    "capped at the images of one epoch (a multiple of the batch size)")
     p.add_argument("--topk", type=int, default=5, help="k: nearest neighbours of the target, the prediction's targets")
-    p.add_argument("--m", type=float, default=0.99, help="target encoder momentum (constant)")
+    p.add_argument("--m", type=float, default=0.99, help="target encoder momentum (at epoch 0; see --m-schedule)")
+    p.add_argument("--m-schedule", default="constant", choices=["constant", "cosine"], help="constant: the "
+                   "reference's; cosine: rising from --m to 1 over the epochs, constant within one (byol.py's tau)")
+    p.add_argument("--symmetric", action="store_true", help="also the reversed pair (online: the target view; target: "
+                   "the online view), the losses summed, both targets into the bank, as BYOL (not the reference's)")
     p.add_argument("--bn-batch", type=int, default=64, help="BN statistics over chunks of at most this many images per "
                    "process (the reference's per-GPU batch: 256 on 4 GPUs with DataParallel); the target batch is "
                    "shuffled before its chunks, as the reference")
@@ -130,10 +140,21 @@ def mean_shift_loss(q, t, bank, k):
         return (2 - 2 * torch.einsum("bd,bkd->bk", q.float(), neighbours)).mean()
 
 
+def learning_rate(epoch, it, args):
+    """--lr on a per-epoch cosine (the reference) or constant, times a linear warmup over --warmup-iters iterations."""
+    lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs)) if args.schedule == "cosine" else args.lr
+    return lr * min(1.0, (it + 1) / args.warmup_iters) if args.warmup_iters else lr
+
+
+def target_momentum(epoch, args):
+    """--m (the reference), or with --m-schedule cosine rising from --m toward 1, constant within an epoch (BYOL's)."""
+    return args.m if args.m_schedule == "constant" else 1 - (1 - args.m) * (math.cos(math.pi * epoch / args.epochs) + 1) / 2
+
+
 class MSF(nn.Module):
-    def __init__(self, arch, arch_kwargs, hidden, dim, K, m, topk, bn_batch=64):
+    def __init__(self, arch, arch_kwargs, hidden, dim, K, m, topk, bn_batch=64, symmetric=False):
         super().__init__()
-        self.K, self.m, self.topk, self.bn_batch = K, m, topk, bn_batch
+        self.K, self.m, self.topk, self.bn_batch, self.symmetric = K, m, topk, bn_batch, symmetric
         backbone, feat = build_backbone(arch, arch_kwargs)
         self.online = nn.Sequential(backbone, mlp(feat, hidden, dim))  # encoder + projector
         self.predictor = mlp(dim, hidden, dim)
@@ -152,16 +173,25 @@ class MSF(nn.Module):
         self.bank[idx] = t.to(self.bank.dtype)
         self.bank_ptr.copy_((self.bank_ptr + len(t)) % self.K)
 
+    def per_gpu(self, f, x):  # train_msf.py wraps encoder, predictor and target in nn.DataParallel: each BN sees
+        return torch.cat([f(c) for c in x.split(self.bn_batch)])  # one GPU's chunk of the batch
+
+    def predict(self, x):
+        return F.normalize(self.per_gpu(lambda c: self.predictor(self.online(c)), x).float(), dim=1)
+
+    @torch.no_grad()
+    def embed_target(self, x):  # the reference's in-batch shuffle: a target chunk's BN batch is other images
+        perm = torch.randperm(len(x), device=x.device)
+        return F.normalize(self.per_gpu(self.target, x[perm]).float(), dim=1)[torch.argsort(perm)]
+
     def forward(self, im_q, im_t):
-        # train_msf.py wraps encoder, predictor and target in nn.DataParallel: each BN sees one GPU's chunk.
-        per_gpu = lambda f, x: torch.cat([f(c) for c in x.split(self.bn_batch)])  # noqa: E731
-        q = F.normalize(per_gpu(lambda c: self.predictor(self.online(c)), im_q).float(), dim=1)
+        views = [(im_q, im_t), (im_t, im_q)] if self.symmetric else [(im_q, im_t)]  # (online view, target view) pairs
         with torch.no_grad():
             self.momentum_update()  # before the target forward, as the reference
-            perm = torch.randperm(len(im_t), device=im_t.device)  # its in-batch shuffle: a target chunk's BN batch
-            t = F.normalize(per_gpu(self.target, im_t[perm]).float(), dim=1)[torch.argsort(perm)]  # is other images
-            self.enqueue(gather(t))  # all processes' targets, before the search: t is its own first neighbour
-        return mean_shift_loss(q, t, self.bank, self.topk)
+            targets = [self.embed_target(t) for _, t in views]
+            self.enqueue(gather(torch.cat(targets)))  # all processes' targets, before the search: t is its own first
+        return sum(mean_shift_loss(self.predict(q), t, self.bank, self.topk)  # neighbour
+                   for (q, _), t in zip(views, targets))
 
 
 def main(argv=None):
@@ -173,7 +203,8 @@ def main(argv=None):
         raise InputError(f"--bank-size {args.bank_size} must be divisible by the global batch size {args.batch_size}")
     K = min(args.bank_size, per_epoch)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk, args.bn_batch).to(device)
+    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk, args.bn_batch,
+                args.symmetric).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
     model = model.to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -207,9 +238,7 @@ def main(argv=None):
         print(f"msf.py: {cache}")
 
     for epoch in range(start, args.epochs):
-        lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # per-epoch cosine, no warmup
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        model.m = target_momentum(epoch, args)
         sampler.epoch = epoch
         model.train()
         t0, total = time.time(), torch.zeros((), device=device)
@@ -217,6 +246,9 @@ def main(argv=None):
                                                                 disable=rank != 0)):
             im_q = to_device(q, device, memory_format, MEAN, STD, online[1], pq)  # uint8 in, colour ops on the device
             im_t = to_device(t, device, memory_format, MEAN, STD, target[1], pt)
+            lr = learning_rate(epoch, epoch * len(loader) + step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp and device.type == "cuda"):
                 loss = net(im_q, im_t)
             optimizer.zero_grad(set_to_none=True)
@@ -227,7 +259,7 @@ def main(argv=None):
                 sys.exit(f"msf.py: error: loss is {total.item()} at epoch {epoch} step {step}; lower --lr")
         epoch_loss = total.item() / len(loader)  # waits for the GPU: the time below covers all of the epoch's work
         seconds = time.time() - t0
-        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "seconds": seconds,
+        record = {"epoch": epoch + 1, "loss": epoch_loss, "lr": lr, "m": model.m, "seconds": seconds,
                   "images_per_s": len(loader) * args.batch_size / seconds,
                   "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         if not math.isfinite(record["loss"]):

@@ -1,5 +1,6 @@
-"""msf.py: mean-shift loss and neighbours, bank pointer, forward order (EMA, enqueue, search); smoke/torchrun/resume
-runs, bank cap, bad input."""
+"""msf.py: mean-shift loss and neighbours, bank pointer, forward order (EMA, enqueue, search), the symmetrised loss, the
+lr and momentum schedules; smoke/torchrun/resume runs, bank cap, bad input."""
+import argparse
 import copy
 import json
 
@@ -64,6 +65,36 @@ def test_forward_updates_target_then_enqueues_then_searches():
     assert loss.item() == pytest.approx((2 - 2 * (q * t).sum(dim=1)).mean().item(), abs=1e-5)  # k = 1: own target
 
 
+def test_symmetric_forward_sums_both_directions_and_banks_both_targets():
+    """k = 1 and --symmetric: BYOL's symmetrised loss, each view predicting the other's target."""
+    model = tiny_model(K=16, m=0.5, topk=1)
+    model.symmetric = True
+    with torch.no_grad():
+        for p in model.online.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    updated = copy.deepcopy(model.target)
+    with torch.no_grad():
+        for pt, po in zip(updated.parameters(), model.online.parameters()):
+            pt.mul_(0.5).add_(0.5 * po)
+    im_q, im_t = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss = model(im_q, im_t)
+    with torch.no_grad():
+        t_t, t_q = (F.normalize(updated(x), dim=1) for x in (im_t, im_q))
+        q_q, q_t = (F.normalize(model.predictor(model.online(x)), dim=1) for x in (im_q, im_t))
+    assert model.bank_ptr.item() == 8 and torch.allclose(model.bank[:8], torch.cat([t_t, t_q]), atol=1e-5)
+    byol = (2 - 2 * (q_q * t_t).sum(dim=1)).mean() + (2 - 2 * (q_t * t_q).sum(dim=1)).mean()
+    assert loss.item() == pytest.approx(byol.item(), abs=1e-5)
+
+
+def test_schedules_hand_values():
+    args = argparse.Namespace(lr=0.8, epochs=10, schedule="cosine", warmup_iters=0, m=0.99, m_schedule="constant")
+    assert [msf.learning_rate(e, 0, args) for e in (0, 5)] == pytest.approx([0.8, 0.4])  # per-epoch cosine
+    assert msf.target_momentum(7, args) == 0.99
+    args.schedule, args.warmup_iters, args.m_schedule = "constant", 4, "cosine"
+    assert [msf.learning_rate(9, it, args) for it in (0, 1, 3, 99)] == pytest.approx([0.2, 0.4, 0.8, 0.8])
+    assert [msf.target_momentum(e, args) for e in (0, 5, 10)] == pytest.approx([0.99, 0.995, 1.0])
+
+
 def test_bn_batch_emulates_the_reference_per_gpu_batch():
     """--bn-batch 4 on a batch of 8 (the reference's DataParallel GPUs): online and predictor BN over each half of
     the query batch; the target batch shuffled, then BN over each half of the shuffled batch, then unshuffled."""
@@ -112,11 +143,15 @@ def test_resume_continues_exactly(demo, tmp_path):
     assert_resume_is_exact(lambda out, *args: train(demo, out, *args), tmp_path)  # online, predictor, target, bank
 
 
-def test_adam_is_adam_and_resumes_exactly(demo, tmp_path):
-    a, _ = assert_resume_is_exact(lambda out, *args: train(demo, out, "--optimizer", "adam", "--lr", "1e-3", *args),
-                                  tmp_path)
+def test_adam_symmetric_and_schedules_resume_exactly(demo, tmp_path):
+    flags = ["--optimizer", "adam", "--lr", "1e-3", "--symmetric", "--schedule", "constant", "--warmup-iters", "4",
+             "--m-schedule", "cosine", "--bank-size", "32"]
+    a, _ = assert_resume_is_exact(lambda out, *args: train(demo, out, *flags, *args), tmp_path)
     state = next(iter(a["train_state"]["optimizer"]["state"].values()))
     assert {"exp_avg", "exp_avg_sq"} <= set(state) and "momentum_buffer" not in state
+    assert a["train_state"]["model"]["bank_ptr"].item() == 2 * 6 * 2 * 8 % 32  # 2 epochs x 6 steps x both views' 8
+    log = read_log(tmp_path / "a")
+    assert [r["m"] for r in log[1:]] == pytest.approx([0.99, 0.995]) and log[-1]["lr"] == pytest.approx(1e-3)
 
 
 def test_torchrun_two_processes(demo, tmp_path):
