@@ -148,7 +148,9 @@ def learning_rate(epoch, it, args):
 
 def target_momentum(epoch, args):
     """--m (the reference), or with --m-schedule cosine rising from --m toward 1, constant within an epoch (BYOL's)."""
-    return args.m if args.m_schedule == "constant" else 1 - (1 - args.m) * (math.cos(math.pi * epoch / args.epochs) + 1) / 2
+    if args.m_schedule == "constant":
+        return args.m
+    return 1 - (1 - args.m) * (math.cos(math.pi * epoch / args.epochs) + 1) / 2
 
 
 class MSF(nn.Module):
@@ -189,9 +191,8 @@ class MSF(nn.Module):
         with torch.no_grad():
             self.momentum_update()  # before the target forward, as the reference
             targets = [self.embed_target(t) for _, t in views]
-            self.enqueue(gather(torch.cat(targets)))  # all processes' targets, before the search: t is its own first
-        return sum(mean_shift_loss(self.predict(q), t, self.bank, self.topk)  # neighbour
-                   for (q, _), t in zip(views, targets))
+            self.enqueue(gather(torch.cat(targets)))  # all processes', before the search: t its own 1st neighbour
+        return sum(mean_shift_loss(self.predict(q), t, self.bank, self.topk) for (q, _), t in zip(views, targets))
 
 
 def main(argv=None):
@@ -201,6 +202,8 @@ def main(argv=None):
     per_epoch = len(samples) // args.batch_size * args.batch_size  # images in the whole global batches of one epoch
     if args.bank_size <= per_epoch and args.bank_size % args.batch_size:
         raise InputError(f"--bank-size {args.bank_size} must be divisible by the global batch size {args.batch_size}")
+    if args.warmup_iters < 0:
+        raise InputError(f"--warmup-iters {args.warmup_iters} must be 0 (no warmup) or more")
     K = min(args.bank_size, per_epoch)
     arch_kwargs = {"small_stem": args.small_stem}
     model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk, args.bn_batch,
