@@ -22,7 +22,7 @@ Deviations: the bank size is capped at the images of one epoch (whole global bat
 data set fills the neighbours with stale copies of the same image; the log says so. No label bank and no purity
 diagnostic (labels are unknown to SSL). The blur sigma (0.1-2.0 at 224 px) scales with --image-size.
 Options beyond the reference, off by default (docs/methods.md): --optimizer adam, --schedule constant, --warmup-iters,
---m-schedule cosine, --symmetric.
+--m-schedule cosine, --symmetric, --augmentation with byol views.
 """
 import argparse
 import copy
@@ -76,8 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--bn-batch", type=int, default=64, help="BN statistics over chunks of at most this many images per "
                    "process (the reference's per-GPU batch: 256 on 4 GPUs with DataParallel); the target batch is "
                    "shuffled before its chunks, as the reference")
-    p.add_argument("--augmentation", default="weak/strong", choices=["weak/strong", "weak/weak", "strong/weak",
-                   "strong/strong"], help="target/online views: weak = crop + flip, strong = MoCo v2 aug-plus")
+    p.add_argument("--augmentation", default="weak/strong", choices=[f"{t}/{o}" for t in VIEWS for o in VIEWS],
+                   help="target/online views: weak = crop + flip, strong = MoCo v2 aug-plus, byol = byol.py's views "
+                   "(bicubic crop, grayscale p 0.1)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
                    "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
@@ -122,6 +123,15 @@ def weak_aug(size):
     """Crop and flip only: the colour half applies nothing."""
     geometry = ResizedCrop(size, scale=(0.2, 1.0))
     return geometry, Photometric(p_jitter=0, p_gray=0, p_blur=0, sigma=(0.0, 0.0))
+
+
+def byol_aug(size):
+    """byol.py's views: aug-plus with a bicubic crop and grayscale p 0.1 (not the reference's; --augmentation byol/byol)."""
+    s = size / 224
+    return ResizedCrop(size, scale=(0.2, 1.0), bicubic=True), Photometric(p_gray=0.1, sigma=(0.1 * s, 2.0 * s))
+
+
+VIEWS = {"weak": weak_aug, "strong": strong_aug, "byol": byol_aug}
 
 
 def mlp(in_dim, hidden, out_dim):
@@ -225,7 +235,7 @@ def main(argv=None):
         set_rng_state(ckpt["train_state"]["rng"], args, rank, world, ckpt["epoch"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    target_aug, online_aug = ({"weak": weak_aug, "strong": strong_aug}[a] for a in args.augmentation.split("/"))
+    target_aug, online_aug = (VIEWS[a] for a in args.augmentation.split("/"))
     online, target = online_aug(args.image_size), target_aug(args.image_size)
     views = TwoViews(online, target)
     data = FileList(samples, views, args.seed)

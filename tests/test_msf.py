@@ -95,6 +95,19 @@ def test_schedules_hand_values():
     assert [msf.target_momentum(e, args) for e in (0, 5, 10)] == pytest.approx([0.99, 0.995, 1.0])
 
 
+def test_view_kinds_match_their_sources():
+    """weak = crop + flip only, strong = aug-plus (bilinear, grayscale 0.2), byol = byol.py's views exactly."""
+    import byol
+    weak, strong, byol_views = (msf.VIEWS[k](32) for k in ("weak", "strong", "byol"))
+    assert (weak[1].p_jitter, weak[1].p_gray, weak[1].p_blur) == (0, 0, 0)
+    assert (strong[0].bicubic, strong[1].p_gray, strong[1].p_blur) == (False, 0.2, 0.5)
+    ref = byol.byol_aug(32)
+    assert (byol_views[0].bicubic, byol_views[0].scale, byol_views[1].p_gray) == (True, (0.2, 1.0), 0.1)
+    geometry = lambda crop: (crop.size, crop.scale, crop.ratio, crop.bicubic)  # noqa: E731
+    assert geometry(byol_views[0]) == geometry(ref[0]) and vars(byol_views[1]) == vars(ref[1])
+    assert msf.parse_args(["--train-list", "x", "--out", "y", "--augmentation", "strong/byol"]).augmentation == "strong/byol"
+
+
 def test_bn_batch_emulates_the_reference_per_gpu_batch():
     """--bn-batch 4 on a batch of 8 (the reference's DataParallel GPUs): online and predictor BN over each half of
     the query batch; the target batch shuffled, then BN over each half of the shuffled batch, then unshuffled."""
