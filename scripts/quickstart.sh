@@ -17,7 +17,8 @@
 #           --seed r), the backdoored model OUT/run<r>/poisoned (seed r), both models probed in OUT/run<r>/{clean,
 #           poisoned}/probe (OUT/run<r>/clean links the clean model), OUT/run<r>/feature_space.png; OUT/table.md is
 #           mean ± std over the runs and each run. DATA_DIR=<folder> (instead of OUT/data) shares the data between methods.
-#           JOBS=N trains N of these models at once (one GPU has room for several demo models; default 1).
+#           JOBS=N trains N of these models at once (one GPU has room for several demo models; default 1), each with
+#           (CPU cores)/N threads unless OMP_NUM_THREADS says otherwise.
 #           With N >= 2, OUT/run<r>/control/probe: the control of run r, run r-1's backdoored model (run 1's for r = 0),
 #           poisoned for another target with another trigger, probed on run r's lists.
 #   PRETRAIN_LIST=<list> PROBE_DATA="<poison.py folder> ..."  one model OUT (seed SEED) with the preset's flags on that
@@ -49,7 +50,8 @@ if [ "$PRESET" = demo ]; then
   case $METHOD in
     moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 128 --m 0.99" ;;  # K = one batch: docs/methods.md, "Demo data"
     byol)   FLAGS="--epochs 60 --batch-size 128 --warmup-iters 36 --drop" ;;  # docs/results.md, "Main table"
-    msf)    FLAGS="--epochs 60 --batch-size 128 --bank-size 1536" ;;
+    msf)    FLAGS="--epochs 60 --batch-size 128 --bank-size 1536 --symmetric --augmentation byol/byol --optimizer adam \
+                   --lr 2e-3 --weight-decay 1e-6 --schedule constant --warmup-iters 36 --m-schedule cosine --bn-batch 128" ;;
     jigsaw) FLAGS="--epochs 4 --batch-size 64 --num-perms 100" ;;
     rotnet) FLAGS="--epochs 6 --batch-size 64" ;;
     mae)    FLAGS="--epochs 30 --batch-size 128 --patch-size 4 --width 128 --depth 4 --heads 4 --decoder-width 64 \
@@ -88,10 +90,12 @@ probe() {  # probe MODEL DATA SEED [DIR]: MODEL/checkpoint.pt on DATA's lists (t
     --save-features --out "$dir"
 }
 
-background() {  # background CMD...: with JOBS=N > 1, CMD runs in the background, at most N at a time; else at once
+background() {  # background CMD...: with JOBS=N > 1, CMD runs in the background, at most N at a time; else at once.
+  # Each job gets its share of the cores: N jobs of torch's default (all cores each) run 3-4x slower on a 2-core CPU.
   if [ "${JOBS:-1}" -le 1 ]; then "$@"; return; fi
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
-  "$@" &
+  local threads=$(( $(nproc) / JOBS ))
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 1 ? threads : 1 ))} "$@" &
   PIDS+=($!)
 }
 wait_background() {  # every background job, failing if one failed
