@@ -114,9 +114,17 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert not os.path.exists(out / "run0" / "control")  # one run has no other run's model to control with
     clean_mtime = os.path.getmtime(out / "clean" / "checkpoint.pt")
-    second = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "2"}, capture_output=True, text=True, timeout=600)
+    wrapper = tmp_path / "python"  # logs each command's thread count: JOBS=N jobs share the cores
+    wrapper.write_text(f'#!/bin/sh\necho "${{OMP_NUM_THREADS:-unset}} $1" >> {tmp_path}/threads.log\nexec python3 "$@"\n')
+    wrapper.chmod(0o755)
+    jobs_env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+    second = subprocess.run(cmd, cwd=ROOT, env={**jobs_env, "RUNS": "2", "JOBS": "2", "PYTHON": str(wrapper)},
+                            capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("epoch 1/1") == 1  # only run 1's backdoored model is trained
+    threads = (tmp_path / "threads.log").read_text().splitlines()
+    assert f"{max(1, len(os.sched_getaffinity(0)) // 2)} moco.py" in threads
+    assert "unset linear_probe.py" in threads  # the probes run one at a time, on every core
     assert os.path.getmtime(out / "clean" / "checkpoint.pt") == clean_mtime
     other = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "2", "POISON_EXTRA": env["POISON_EXTRA"] + " --rate 0.5"},
                            capture_output=True, text=True, timeout=600)  # the same OUT/data with another poison rate
