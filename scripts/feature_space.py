@@ -8,9 +8,12 @@ features the linear classifier sees). Writes RUN/feature_space.png, a 2-D t-SNE 
 (clean val images coloured by class, the target class in red and ringed, the patched val images of the other classes
 as black crosses), and RUN/feature_space.json with the number behind the picture: for each model, the % of patched
 non-target val images whose nearest class centroid (the mean of the labeled train features of a class) is the target;
-the same for the clean val images as a baseline; and the trigger's pull in cosine similarity (trigger_pull): how much
+the same for the clean val images as a baseline; the trigger's pull in cosine similarity (trigger_pull): how much
 closer to each other ('trigger_cohesion') and to the target's centroid ('trigger_to_target') the patched images are
-than the same images clean. Imports torch and PIL only, no script of the project.
+than the same images clean; and 'trigger_norm_ratio', their mean feature norm patched over clean. The probe standardises
+each dimension by the clean train images' spread, so a trigger learned in dimensions that clean images leave near
+constant comes out long (ratio well above 1), in directions where the probe's weights were never fitted.
+Imports torch and PIL only, no script of the project.
 """
 import argparse
 import json
@@ -111,6 +114,14 @@ def trigger_pull(train, train_y, val, patched, y, target):
     return {"cohesion": out["patched"][0] - out["clean"][0], "to_target": out["patched"][1] - out["clean"][1]}
 
 
+def norm_ratio(val, patched, y, target):
+    """Mean feature norm of the patched non-target val images over that of the same images clean (the probe's
+    normalised space). About 1: the trigger moves the images within the clean images' spread; well above 1: it adds
+    dimensions of its own, which the probe's standardisation magnifies."""
+    keep = y != target
+    return (patched[keep].float().norm(dim=1).mean() / val[keep].float().norm(dim=1).mean().clamp_min(1e-12)).item()
+
+
 def legend_height(width, labels):
     return ROW * rows(width, labels) + 6
 
@@ -184,7 +195,8 @@ def main(argv=None):
         pull = trigger_pull(f["train"], f["train_y"], f["val"], f["patched"], f["val_y"], t)
         result[kind] = {"patched_to_target_centroid": frac, "val_to_target_centroid": base,
                         "n_patched_nontarget": int((f["patched_y"] != t).sum()),
-                        "trigger_cohesion": pull["cohesion"], "trigger_to_target": pull["to_target"]}
+                        "trigger_cohesion": pull["cohesion"], "trigger_to_target": pull["to_target"],
+                        "trigger_norm_ratio": norm_ratio(f["val"], f["patched"], f["val_y"], t)}
         g = torch.Generator().manual_seed(args.seed)  # one subsample for both models: the same images in both panels
         val_idx = torch.randperm(len(f["val"]), generator=g)[: args.max_points // 2].sort().values
         pat_idx = torch.nonzero(f["patched_y"] != t).flatten()

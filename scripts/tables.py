@@ -121,7 +121,10 @@ def pair(run):
                         (f" Trigger pull, cosine similarity patched minus clean: to each other "
                          f"{fs['clean']['trigger_cohesion']:+.3f} (clean model), {fs['backdoored']['trigger_cohesion']:+.3f} "
                          f"(backdoored); to the target's centroid {fs['clean']['trigger_to_target']:+.3f}, "
-                         f"{fs['backdoored']['trigger_to_target']:+.3f}." if "trigger_cohesion" in fs["clean"] else ""))
+                         f"{fs['backdoored']['trigger_to_target']:+.3f}." if "trigger_cohesion" in fs["clean"] else "") +
+                        (f" Feature norm, patched over clean: {fs['clean']['trigger_norm_ratio']:.2f} (clean model), "
+                         f"{fs['backdoored']['trigger_norm_ratio']:.2f} (backdoored)." if "trigger_norm_ratio" in fs["clean"]
+                         else ""))
     return "\n".join(rows)
 
 

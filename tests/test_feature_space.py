@@ -48,6 +48,14 @@ def test_trigger_pull_is_the_hand_computed_cosine():
     assert same == {"cohesion": 0.0, "to_target": 0.0}
 
 
+def test_norm_ratio_is_the_hand_computed_ratio():
+    val = torch.tensor([[3.0, 4], [0, 2], [1, 0]])  # norms 5, 2 (the target image's 1 left out): mean 3.5
+    patched = torch.tensor([[6.0, 8], [0, 4], [100, 0]])  # norms 10, 4: mean 7
+    y = torch.tensor([0, 2, 1])
+    assert abs(fs.norm_ratio(val, patched, y, target=1) - 2.0) < 1e-6
+    assert fs.norm_ratio(val, val, y, target=1) == 1.0
+
+
 def test_picture_and_numbers_of_a_run(tmp_path):
     g = torch.Generator().manual_seed(0)
     names, target = ["checkerboard", "crosses", "dots"], 1
@@ -66,5 +74,6 @@ def test_picture_and_numbers_of_a_run(tmp_path):
     assert result["clean"]["patched_to_target_centroid"] == 0.0
     assert result["backdoored"]["patched_to_target_centroid"] == 100.0
     assert result["clean"]["n_patched_nontarget"] == 20 and result["target_name"] == "crosses"
+    assert all(0.8 < result[k]["trigger_norm_ratio"] < 1.25 for k in ("clean", "backdoored"))  # moved, not lengthened
     # two 160 px panels side by side; legend: 4 entries (target, 2 classes, patched), 2 per 320 px row -> 2 x 18 + 6
     assert Image.open(tmp_path / "feature_space.png").size == (320, 160 + 42)
