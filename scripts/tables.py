@@ -14,6 +14,8 @@ Standard library only. Nothing here is typed by hand: every number is read from 
                                                beside the main table's runs of the same r (ROOT/main/<method>/run<r>)
   python scripts/tables.py glance ROOT         results at a glance: per method the paper's effect and the runs' verdict
   python scripts/tables.py readme FILE ROOT    rewrite FILE's generated sections (between BEGIN/END markers)
+  python scripts/tables.py probes DIR          the runs DIR/run<r> probed at several seeds (scripts/probe_seeds.sh):
+                                               per run the patched FP and the verdict at each probe seed
   python scripts/tables.py seeds DIR OTHER     the runs DIR/run<r> with their clean model beside another clean seed's
                                                (OTHER/probe_run<r>, quickstart.sh PRETRAIN_LIST mode)
 A run folder RUN holds clean/ and poisoned/ (trainer outputs: checkpoint.pt, log.jsonl; clean/ may link them to the
@@ -398,6 +400,32 @@ def seeds_table(method_folder, other):
     return "\n".join(rows)
 
 
+def probes_table(method_folder):
+    """Does the verdict hang on the linear probe's seed? Per run DIR/run<r>, the clean and the backdoored model probed
+    at each seed k (run<r>/probe_seeds/{clean,poisoned}/s<k>/metrics.json, scripts/probe_seeds.sh): patched FP clean ->
+    backdoored model, the verdict at each seed, and the trigger's feature-norm ratio (feature_space.json)."""
+    rows = ["| run | target | patched FP, clean -> backdoored model, at probe seed k (k: a -> b, * = shown) | shown at "
+            "| the run's own verdict (probe seed r) | feature norm, patched over clean (backdoored model) |",
+            "|---|---|---|---|---|---|"]
+    for run in numbered_runs(method_folder):
+        seeds = sorted((int(m.group(1)) for d in glob.glob(os.path.join(run, "probe_seeds", "poisoned", "s*"))
+                        for m in [re.fullmatch(r"s(\d+)", os.path.basename(d))] if m))
+        pairs = [(k, c, b) for k in seeds for c, b in [(load(os.path.join(run, "probe_seeds", kind, f"s{k}", "metrics.json"))
+                                                        for kind in ("clean", "poisoned"))] if c and b]
+        if not pairs:
+            continue
+        own = [load(os.path.join(run, kind, "probe", "metrics.json")) for kind in ("clean", "poisoned")]
+        fs = load(os.path.join(run, "feature_space.json"))
+        ratio = fs["backdoored"].get("trigger_norm_ratio") if fs else None
+        b = pairs[0][2]
+        rows.append(f"| {run_number(run)} | {b['target']} '{b['target_name']}' | "
+                    + ", ".join(f"{k}: {c['fp_patched']} -> {p['fp_patched']}{'*' if shown(c, p) else ''}" for k, c, p in pairs)
+                    + f" | {sum(shown(c, p) for _, c, p in pairs)} of {len(pairs)} | "
+                    + (f"{'yes' if shown(*own) else 'no'}" if all(own) else "-")
+                    + f" | {f'{ratio:.2f}' if ratio is not None else '-'} |")
+    return "\n".join(rows)
+
+
 def trigger_name(run):
     """'HTBA patch, 14 px' / 'blend, opacity 0.2' / 'CTRL, magnitude 100': from the run's poison.json."""
     meta = load(os.path.join(run, "data", "poison.json")) or {}
@@ -514,7 +542,7 @@ if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
     commands = {"pair": pair, "runs": runs_table, "main": main_table, "details": details_table, "defense": defense_table,
                 "badencoder": badencoder_table, "patchsearch": patchsearch_table, "triggers": triggers_table,
-                "knobs": knobs_table, "glance": glance_table}
+                "knobs": knobs_table, "glance": glance_table, "probes": probes_table}
     if cmd in commands and len(rest) == 1:
         print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:

@@ -148,6 +148,17 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
         assert os.path.realpath(control["encoder"]) == os.path.realpath(out / f"run{other}" / "poisoned" / "checkpoint.pt")
     table = open(out / "table.md").read()
     assert "| moco | ours |" in table and " of 2 |" in table and "shown in" in table and "| moco | 1 |" in table
+    # scripts/probe_seeds.sh: each run's two models probed again at seeds 0 and 1; run r's own probe is the one at seed r
+    probes = subprocess.run(["bash", os.path.join(ROOT, "scripts", "probe_seeds.sh"), str(out), "0 1"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert probes.returncode == 0, probes.stderr[-3000:]
+    for r in (0, 1):
+        for kind in ("clean", "poisoned"):
+            a, b = (json.load(open(p)) for p in (out / f"run{r}" / kind / "probe" / "metrics.json",
+                                                 out / f"run{r}" / "probe_seeds" / kind / f"s{r}" / "metrics.json"))
+            assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
+                   [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")], (r, kind)
+    assert [ln.split(" | ")[0] for ln in probes.stdout.splitlines() if ln[:3] in ("| 0", "| 1")] == ["| 0", "| 1"]
     # scripts/sweep.sh: the same flags as one setting, its clean and run 0's models trained at once, the same probes
     settings = tmp_path / "settings.txt"
     settings.write_text(f"# a comment\nsame moco POISON_EXTRA=\"{env['POISON_EXTRA']}\" EXTRA=\"{env['EXTRA']}\"\n")
@@ -221,6 +232,22 @@ def test_seeds_table_puts_a_second_clean_seed_beside_the_first(tmp_path):
     assert rows == ["| 0 | 2 'rings' | 60.0 / 10 | 55.0 / 40 | 60 | yes / no |",  # 60 vs 40 is only 1.5x
                     "| 1 | 2 'rings' | 64.0 / 0 | 57.0 / 2 | 30 | yes / yes |",
                     "| mean ± std | | 62.0 ± 2.8 / 5.0 ± 7.1 | 56.0 ± 1.4 / 21.0 ± 26.9 | 45.0 ± 21.2 | |"]
+
+
+def test_probes_table_gives_each_runs_verdict_at_each_probe_seed(tmp_path):
+    def write(path, fp, target=2):
+        os.makedirs(path)
+        (path / "metrics.json").write_text(json.dumps({"acc_clean": 60.0, "fp_patched": fp, "n_patched_nontarget": 350,
+                                                       "num_classes": 8, "target": target, "target_name": "rings"}))
+    run = tmp_path / "byol" / "run1"
+    for k, (c, b) in enumerate(((10, 60), (20, 50), (0, 30))):  # shown: 6x +14%; 2.5x; 30x +8.6%
+        write(run / "probe_seeds" / "clean" / f"s{k}", c)
+        write(run / "probe_seeds" / "poisoned" / f"s{k}", b)
+    write(run / "clean" / "probe", 20)
+    write(run / "poisoned" / "probe", 50)
+    (run / "feature_space.json").write_text(json.dumps({"backdoored": {"trigger_norm_ratio": 2.704}}))
+    rows = tables.probes_table(str(tmp_path / "byol")).splitlines()[2:]
+    assert rows == ["| 1 | 2 'rings' | 0: 10 -> 60*, 1: 20 -> 50, 2: 0 -> 30* | 2 of 3 | no | 2.70 |"]
 
 
 def test_triggers_table_puts_each_trigger_beside_the_htba_runs_of_the_same_r(tmp_path):
