@@ -50,9 +50,10 @@ if [ "$PRESET" = demo ]; then
   case $METHOD in
     moco)   FLAGS="--epochs 20 --batch-size 128 --queue-size 128 --m 0.99" ;;  # K = one batch: docs/methods.md, "Demo data"
     byol)   FLAGS="--epochs 60 --batch-size 128 --warmup-iters 36 --drop" ;;  # docs/results.md, "Main table"
-    # MSF at k = 5 with byol's optimizer, schedule, views and loss: docs/methods.md, "msf.py"
-    msf)    FLAGS="--epochs 60 --batch-size 128 --bank-size 1536 --symmetric --augmentation byol/byol --optimizer adam \
-                   --lr 2e-3 --weight-decay 1e-6 --schedule constant --warmup-iters 36 --m-schedule cosine --bn-batch 128" ;;
+    # MSF at k = 3 with byol's optimizer, schedule, views and loss: docs/methods.md, "msf.py"
+    msf)    FLAGS="--epochs 60 --batch-size 128 --bank-size 1536 --topk 3 --symmetric --augmentation byol/byol \
+                   --optimizer adam --lr 2e-3 --weight-decay 1e-6 --schedule constant --warmup-iters 36 --m-schedule cosine \
+                   --bn-batch 128" ;;
     jigsaw) FLAGS="--epochs 4 --batch-size 64 --num-perms 100" ;;
     rotnet) FLAGS="--epochs 6 --batch-size 64" ;;
     mae)    FLAGS="--epochs 30 --batch-size 128 --patch-size 4 --width 128 --depth 4 --heads 4 --decoder-width 64 \
