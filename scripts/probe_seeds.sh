@@ -9,6 +9,10 @@ OUT=${1:?usage: bash scripts/probe_seeds.sh OUT [SEEDS]}
 SEEDS=${2:-0 1 2 3 4}
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+if ! compgen -G "$OUT/run*/poisoned/probe/metrics.json" > /dev/null; then
+  echo "probe_seeds.sh: $OUT: no run<r>/poisoned/probe/metrics.json (the output of RUNS=N bash scripts/quickstart.sh)" >&2
+  exit 2
+fi
 for R in "$OUT"/run*; do
   [ -f "$R/poisoned/probe/metrics.json" ] || continue  # a run without its own probe is not done
   read -r LIST VAL PATCHED PROTOCOL LAYER < <($PY -c 'import json, sys; a = json.load(open(sys.argv[1]))["args"]

@@ -159,6 +159,9 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
             assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
                    [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")], (r, kind)
     assert [ln.split(" | ")[0] for ln in probes.stdout.splitlines() if ln[:3] in ("| 0", "| 1")] == ["| 0", "| 1"]
+    empty = subprocess.run(["bash", os.path.join(ROOT, "scripts", "probe_seeds.sh"), str(tmp_path / "none")], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "none: no run<r>" in empty.stderr
     # scripts/sweep.sh: the same flags as one setting, its clean and run 0's models trained at once, the same probes
     settings = tmp_path / "settings.txt"
     settings.write_text(f"# a comment\nsame moco POISON_EXTRA=\"{env['POISON_EXTRA']}\" EXTRA=\"{env['EXTRA']}\"\n")
