@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -63,7 +64,15 @@ def parse_args(argv=None):
                    "of the seeded uniform-noise pattern")
     p.add_argument("--ctrl-magnitude", type=float, default=100.0, help="ctrl: added to the DCT coefficients (15,15) and "
                    "(31,31) of U and V in every 32x32 window (the CTRL code's default for CIFAR-10)")
-    p.add_argument("--train-location", choices=["random", "center", "bottom-right"], default="random", help="trigger placement on train images")
+    p.add_argument("--layout", choices=["overlay", "corruptencoder"], default="overlay", help="overlay: the trigger on "
+                   "the poisoned image itself; corruptencoder (Zhang et al. 2024): a background twice the object's width, "
+                   "the object (the replaced target image) on one half, the patch trigger in the other")
+    p.add_argument("--reference-dir", default=None, help="corruptencoder: folder of target-object images (cropped to "
+                   "the object), one drawn per poison instead of the replaced image")
+    p.add_argument("--background-dir", default=None, help="corruptencoder: folder of background images (the reference "
+                   "uses Places365); default: train images of the other classes")
+    p.add_argument("--train-location", choices=["random", "center", "bottom-right"], default="random", help="trigger "
+                   "placement on train images (corruptencoder: in the half without the object)")
     p.add_argument("--train-range", type=float, nargs=2, default=[0.25, 0.75], help="random placement range, fractions of width/height")
     p.add_argument("--val-location", choices=["random", "center", "bottom-right"], default="random", help="trigger placement on val crops")
     p.add_argument("--val-range", type=float, nargs=2, default=[0.10, 0.90], help="random placement range on the val crop")
@@ -87,11 +96,13 @@ def parse_args(argv=None):
                    help="demo: texture fills the image, or covers a random rectangle on a flat background")
     p.add_argument("--demo-clutter", type=int, default=0, help="demo: class-agnostic distractor patches per image (random "
                    "grids of saturated colours, like the HTBA trigger's family), so that a pasted trigger is not a class")
+    p.error = fail  # one line, exit status 2, for argparse's errors too
     return p.parse_args(argv)
 
 
 def fail(msg):
-    sys.exit(f"poison.py: error: {msg}")
+    print(f"poison.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 FLAGS_OF_NO_OUTPUT = {"out", "overwrite", "reuse", "workers"}  # they do not change what is written
@@ -336,6 +347,30 @@ def apply_trigger(a, spec, u, location, lo_hi):
     return np.clip(np.round(ctrl(a, spec["magnitude"])), 0, 255).astype(np.uint8)
 
 
+CE_AREA_RATIO, CE_MAX_WIDTH = 2, 800  # CorruptEncoder's reference: poisoned width = 2 x object width, at most 800 px
+
+
+def corruptencoder(obj, bg, trigger, u, location, lo_hi, opacity):
+    """CorruptEncoder's poison (Zhang et al., CVPR 2024; jzhang538/CorruptEncoder): the object's height, twice its width;
+    a crop of the background (scaled up only when smaller), the object on the left (u[0] < 0.5) or right half, the
+    trigger placed in the other half as on a train image. u = 4 uniform numbers: side, background crop, trigger x, y."""
+    oh, ow = obj.shape[:2]
+    if CE_AREA_RATIO * ow > CE_MAX_WIDTH:
+        ow, oh = CE_MAX_WIDTH // CE_AREA_RATIO, max(1, round(oh * CE_MAX_WIDTH / CE_AREA_RATIO / ow))
+        obj = np.asarray(Image.fromarray(obj).resize((ow, oh), Image.BICUBIC))
+    ph, pw = oh, CE_AREA_RATIO * ow
+    scale = max(ph / bg.shape[0], pw / bg.shape[1], 1.0)
+    lh, lw = max(ph, round(bg.shape[0] * scale)), max(pw, round(bg.shape[1] * scale))
+    if scale > 1:
+        bg = np.asarray(Image.fromarray(bg).resize((lw, lh), Image.BICUBIC))
+    x0 = int(u[1] * (lw - pw + 1))
+    a = bg[lh - ph:, x0:x0 + pw].copy()  # the reference's crop: random across, at the bottom
+    left = u[0] < 0.5  # the reference shifts the object inward by up to 5% of the width; here it is flush
+    a[:, 0 if left else pw - ow:][:, :ow] = obj
+    x, y = place(pw - ow, ph, trigger.shape[0], location, lo_hi, u[2:])  # in the other half, pw - ow = ow wide
+    return paste(a, trigger, (ow if left else 0) + x, y, opacity)
+
+
 def amplified(diff):
     """A difference image made visible: 128 + diff scaled so that its largest absolute value is 127."""
     gain = 127 / max(np.abs(diff).max(), 1e-12)
@@ -361,21 +396,49 @@ def _init_worker(spec):
 
 def poison_job(job):
     """Open (and check) one image; trigger and save it when asked. Returns (error line or None, image size)."""
-    src, dst, u, location, lo_hi, crop, quality = job
+    src, dst, u, location, lo_hi, crop, quality, background = job
+    path = src
     try:
-        with Image.open(src) as im:
+        with open_image(src) as im:
             if dst is None:  # a clean image: only check that it is an image, and report its size
                 return None, im.size
-            size = im.size
-            im = im.convert("RGB")
-            if crop is not None:
-                im = center_crop(im, *crop)
-            out = Image.fromarray(apply_trigger(np.asarray(im), _TRIGGER, u, location, lo_hi))
+            size, a = im.size, im.convert("RGB")
+            a = np.asarray(a if crop is None else center_crop(a, *crop))
+        if background is None:
+            a = apply_trigger(a, _TRIGGER, u, location, lo_hi)
+        else:
+            path = background
+            with open_image(background) as im:
+                bg = np.asarray(im.convert("RGB"))
+            path = src
+            a = corruptencoder(a, bg, _TRIGGER["image"], u, location, lo_hi, _TRIGGER["opacity"])
         fmt = "JPEG" if dst.lower().endswith((".jpg", ".jpeg")) else None
+        out = Image.fromarray(a)
         out.save(dst, format=fmt, quality=quality) if fmt else out.save(dst)
         return None, size
     except (OSError, ValueError) as e:
-        return f"cannot use image {src}: {e}", None
+        return f"cannot use image {path}: {e}", None
+
+
+def open_image(path):
+    """Image.open, refusing (ValueError) an image over PIL's Image.MAX_IMAGE_PIXELS before it is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL only warns up to twice its limit
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # not OSErrors
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(path) as im:  # the header only
+                    w, h = im.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    raise ValueError(f"image has {w * h} pixels, more than the limit {limit} (PIL's Image.MAX_IMAGE_PIXELS)")
+
+
+def image_files(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) \
+        if os.path.isdir(folder) else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,27 +490,44 @@ def tmp_owner_dead(name, base):
 def main(argv=None):
     args = parse_args(argv)
     demo = args.data_root is None
-    crop = args.val_crop or (32 if demo else 224)
+    crop = args.val_crop if args.val_crop is not None else (32 if demo else 224)
     family = args.trigger if args.trigger in ("blend", "ctrl") else "patch"
     opacity = args.opacity if args.opacity is not None else (0.2 if family == "blend" else 1.0)
-    size = args.trigger_size or max(1, round(50 * crop / 224))
-    for flag, value in (("--rate", args.rate), ("--opacity", opacity)):
-        if not 0 <= value <= 1:
-            fail(f"{flag} {value:g}: must be in [0, 1]")
+    size = args.trigger_size if args.trigger_size is not None else max(1, round(50 * crop / 224))
+    check_flags(args, crop, size, opacity, family)
+    try:
+        fractions = [float(f) for f in args.labeled_fractions.split(",") if f.strip()]
+    except ValueError:
+        fail(f"--labeled-fractions {args.labeled_fractions}: must be comma-separated numbers in (0, 1]")
+    if any(not 0 < f <= 1 for f in fractions):
+        fail(f"--labeled-fractions {args.labeled_fractions}: must be comma-separated numbers in (0, 1]")
     if family == "ctrl" and args.opacity is not None:
         fail("--opacity does not apply to --trigger ctrl (its strength is --ctrl-magnitude)")
     if args.blend_image is not None and family != "blend":
         fail("--blend-image needs --trigger blend")
     if family == "ctrl" and crop < CTRL_WINDOW:
         fail(f"--trigger ctrl needs a val crop of at least {CTRL_WINDOW} px (its DCT window), got --val-crop {crop}")
-    fractions = [float(f) for f in args.labeled_fractions.split(",") if f.strip()]
-    if any(not 0 < f <= 1 for f in fractions):
-        fail("--labeled-fractions must lie in (0, 1]")
+    if args.layout == "corruptencoder" and (family != "patch" or args.mode != "targeted"):
+        fail("--layout corruptencoder needs a patch --trigger and --mode targeted")
+    for flag in ("reference_dir", "background_dir"):
+        if getattr(args, flag) is not None and (args.layout != "corruptencoder" or not image_files(getattr(args, flag))):
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: needs --layout corruptencoder and a folder of images")
+    if args.classes is not None and (demo or not os.path.isfile(args.classes)):
+        fail(f"--classes {args.classes}: " + ("needs --data-root" if demo else "no such file"))
+    if args.target is None and not demo:
+        fail("--target is required with --data-root (a class folder name or index)")
     if demo:
         demo_classes(args.demo_classes)  # check it before anything is written
-        if args.demo_clutter < 0:
-            fail(f"--demo-clutter must be 0 or more, got {args.demo_clutter}")
     out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out}: a file, not a folder")
+    parent, base = os.path.split(out)
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:  # left by killed runs of this host
+        if name.startswith(base + ".tmp-") and tmp_owner_dead(name, base):
+            if name.endswith("-old") and not os.path.exists(out):  # killed between its two renames: restored
+                os.rename(os.path.join(parent, name), out)
+            else:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     if os.path.exists(out) and not args.overwrite:
         if not args.reuse:
             fail(f"{out} exists; pass --overwrite to replace it")
@@ -458,31 +538,57 @@ def main(argv=None):
             fail(f"{out} exists, made with other flags ({'; '.join(differ)}); pass --overwrite or another --out")
         print(f"poison.py: {out}: made with the same flags, kept")
         return None
-    parent, base = os.path.split(out)
     os.makedirs(parent, exist_ok=True)
-    for name in os.listdir(parent):  # temporary folders of killed runs (their owner process is gone)
-        if name.startswith(base + ".tmp-") and tmp_owner_dead(name, base):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     spec = {"family": family, "opacity": opacity, "magnitude": args.ctrl_magnitude,
             "image": make_trigger(args.trigger, size, args.trigger_seed, args.blend_image, crop)}
-    stamp = f"{base}.tmp-{socket.gethostname()}-{os.getpid()}-"
-    tmp = tempfile.mkdtemp(prefix=stamp, dir=parent)
+    stamp = os.path.join(parent, f"{base}.tmp-{socket.gethostname()}-{os.getpid()}-")
+    tmp, old = tempfile.mkdtemp(prefix=os.path.basename(stamp), dir=parent), stamp + "old"
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
     try:
-        with ProcessPoolExecutor(max(1, args.workers), initializer=_init_worker, initargs=(spec,)) as pool:
+        with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=(spec,)) as pool:
             meta = build(args, tmp, pool, spec, demo, crop, size, fractions)
+        if os.path.exists(out):  # moved aside first (beside it: one file system); a kill in between: restored above
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if os.path.exists(old):
+                os.rename(old, out)
+            raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing already written is lost: the old --out is untouched
+        shutil.rmtree(tmp, ignore_errors=True)  # the old --out is untouched
         raise
-    if os.path.exists(out):  # move the old folder aside first: a kill in between leaves only folders of a dead run
-        os.rename(out, stamp + "old")
-        os.rename(tmp, out)
-        shutil.rmtree(stamp + "old")
-    else:
-        os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     c = meta["counts"]
     print(f"poison.py: {out}: {c['train']} train ({c['poisoned']} poisoned, target {meta['target']['index']} "
           f"'{meta['target']['name']}'), {c['val']} val; {c['images_processed']} images in {meta['seconds']:.1f}s "
           f"({c['images_processed'] / meta['seconds']:.0f} images/s, {args.workers} workers)")
+
+
+def check_flags(args, crop, size, opacity, family):
+    """Every numeric flag in its range, before anything is read or written."""
+    def fits(r):
+        return 0 <= r[0] < r[1] <= 1
+    for flag, value, ok, rule in (
+            ("--rate", args.rate, 0 < args.rate <= 1, "in (0, 1]"), ("--opacity", opacity, 0 < opacity <= 1, "in (0, 1]"),
+            ("--val-crop", crop, crop >= 1, "1 or more"), ("--trigger-size", size, size >= 1, "1 or more"),
+            ("--trigger-size", size, family != "patch" or size <= crop, f"at most the val crop ({crop} px)"),
+            ("--val-resize", args.val_resize, args.val_resize is None or args.val_resize >= crop, f"at least the val crop ({crop})"),
+            ("--train-range", args.train_range, fits(args.train_range), "two numbers with 0 <= low < high <= 1"),
+            ("--val-range", args.val_range, fits(args.val_range), "two numbers with 0 <= low < high <= 1"),
+            ("--ctrl-magnitude", args.ctrl_magnitude, 0 < args.ctrl_magnitude < math.inf, "a positive number"),
+            ("--jpeg-quality", args.jpeg_quality, 1 <= args.jpeg_quality <= 100, "in [1, 100]"),
+            ("--workers", args.workers, args.workers >= 1, "1 or more"), ("--seed", args.seed, args.seed >= 0, "0 or more"),
+            ("--data-seed", args.data_seed, args.data_seed >= 0, "0 or more"),
+            ("--trigger-seed", args.trigger_seed, args.trigger_seed >= 0, "0 or more"),
+            ("--demo-train-per-class", args.demo_train_per_class, args.demo_train_per_class >= 1, "1 or more"),
+            ("--demo-val-per-class", args.demo_val_per_class, args.demo_val_per_class >= 1, "1 or more"),
+            ("--demo-size", args.demo_size, args.demo_size >= 1, "1 or more"),
+            ("--demo-clutter", args.demo_clutter, args.demo_clutter >= 0, "0 or more")):
+        if not ok:
+            fail(f"{flag} {' '.join(f'{v:g}' for v in value) if isinstance(value, list) else f'{value:g}'}: must be {rule}")
 
 
 def run_jobs(pool, jobs, desc):
@@ -504,14 +610,15 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
             fail(f"{root}: no train/ folder (expected train/<class>/* and val/<class>/*)")
         classes = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
         if args.classes:
-            keep = [ln.strip() for ln in open(args.classes) if ln.strip()]
+            try:
+                keep = [ln.strip() for ln in open(args.classes) if ln.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                fail(f"--classes {args.classes}: cannot read it ({e})")
             missing = sorted(set(keep) - set(classes))
             if missing:
                 fail(f"{args.classes}: classes not in {root}/train: {' '.join(missing[:5])}")
             classes = sorted(set(keep))
     train, val = scan(root, "train", classes), scan(root, "val", classes)
-    if args.target is None and not demo:
-        fail("--target is required with --data-root (a class folder name or index)")
     t = args.target if args.target is not None else "0"
     target = classes.index(t) if t in classes else (int(t) if t.isdigit() and int(t) < len(classes) else None)
     if target is None:
@@ -521,13 +628,20 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
     pool_idx = [i for i, (_, y) in enumerate(train) if y == target] if args.mode == "targeted" else list(range(len(train)))
     chosen = sorted(rng.permutation(pool_idx)[: int(args.rate * len(pool_idx))].tolist())
     train_u, val_u = rng.random((len(train), 2)), rng.random((len(val), 2))  # trigger positions, one pair per image
+    ce = args.layout == "corruptencoder"
+    if ce:  # its own draws, so that the overlay layout's stay as they are
+        ce_rng = np.random.default_rng([args.seed, 3])
+        objects = image_files(args.reference_dir) if args.reference_dir else None  # None: the replaced image itself
+        backgrounds = image_files(args.background_dir) if args.background_dir else [p for p, y in train if y != target]
+        bg_order = ce_rng.permutation(len(backgrounds))  # each background once while there are enough, as the reference
+        draws, pick = ce_rng.random((len(chosen), 4)), ce_rng.integers(0, len(objects or [0]), len(chosen))
 
-    # Val images that all have the crop size already (CIFAR-like) are used as they are, not re-zoomed (issue 17).
-    val_sizes = run_jobs(pool, [(p, None, None, None, None, None, None) for p, _ in val], "val sizes")
+    # Val images that all have the crop size already (CIFAR-like) are used as they are, not re-zoomed.
+    val_sizes = run_jobs(pool, [(p,) + (None,) * 7 for p, _ in val], "val sizes")
     native = args.val_resize is None and all(s == (crop, crop) for s in val_sizes)
     resize = None if native else (args.val_resize or round(crop * 256 / 224))
     # JPEG removes high-frequency colour (CTRL's signal) and most of a faint blend: those are written losslessly.
-    png = args.image_format == "png" or (args.image_format == "auto" and spec["family"] != "patch")
+    png = args.image_format == "png" or (args.image_format == "auto" and (spec["family"] != "patch" or ce))
     dst_name = (lambda p: os.path.basename(p) + ("" if p.lower().endswith(".png") else ".png")) if png else os.path.basename
     lossy = [p for p, _ in train + val if p.lower().endswith(LOSSY_EXTENSIONS)]
     if spec["family"] != "patch" and not png and lossy:
@@ -536,18 +650,22 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
               file=sys.stderr)
     # Jobs: check every train image, trigger the chosen ones (native resolution) and every val image (after the crop).
     poisoned = list(train)
-    jobs = [(p, None, None, None, None, None, None) for p, _ in train]
-    for i in chosen:
+    jobs = [(p,) + (None,) * 7 for p, _ in train]
+    for k, i in enumerate(chosen):
         p, y = train[i]
         dst = os.path.join(tmp, "train_poisoned", classes[y], dst_name(p))
         poisoned[i] = (dst, y)
-        jobs[i] = (p, dst, train_u[i], args.train_location, args.train_range, None, args.jpeg_quality)
+        if ce:  # the object (this image or a reference image), a background, 4 draws: side, crop, trigger x and y
+            jobs[i] = (objects[pick[k]] if objects else p, dst, draws[k], args.train_location, args.train_range, None,
+                       args.jpeg_quality, backgrounds[bg_order[k % len(backgrounds)]])
+        else:
+            jobs[i] = (p, dst, train_u[i], args.train_location, args.train_range, None, args.jpeg_quality, None)
     patched = []
     for i, (p, y) in enumerate(val):
         dst = os.path.join(tmp, "val_patched", classes[y], dst_name(p))
         patched.append((dst, y))
         jobs.append((p, dst, val_u[i], args.val_location, args.val_range, None if native else (resize, crop),
-                     args.jpeg_quality))
+                     args.jpeg_quality, None))
     for d in {os.path.dirname(j[1]) for j in jobs if j[1]}:
         os.makedirs(d, exist_ok=True)
     train_short = float(np.median([min(s) for s in run_jobs(pool, jobs, "poison")[:len(train)]]))
@@ -592,7 +710,12 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
         "args": vars(args), "data_root": "demo_data" if demo else root, "demo": demo, "classes": classes,
         "target": {"index": target, "name": classes[target]}, "mode": args.mode, "rate": args.rate, "trigger": trigger,
         "val_geometry": "native" if native else "resize_center_crop", "val_resize": resize, "val_crop": crop,
-        "train_median_shorter_side": train_short, "image_format": "png" if png else
+        "train_median_shorter_side": train_short, "layout": {"name": args.layout} if not ce else {
+            "name": "corruptencoder", "object_fraction": 1 / CE_AREA_RATIO, "max_width": CE_MAX_WIDTH,
+            "object_sides": {"left": int((draws[:, 0] < 0.5).sum()), "right": int((draws[:, 0] >= 0.5).sum())},
+            "object_source": os.path.abspath(args.reference_dir) if objects else "the replaced target-class image",
+            "background_source": os.path.abspath(args.background_dir) if args.background_dir else
+            "train images of the other classes"}, "image_format": "png" if png else
         f"source (JPEG re-encoded at quality {args.jpeg_quality})",
         "counts": {"train": len(train), "poisoned": len(chosen), "val": len(val), "target_train": len(pool_idx)
                    if args.mode == "targeted" else None, "images_processed": len(jobs), "subsets": subsets},

@@ -112,7 +112,7 @@ def test_same_seed_identical_other_seed_differs(tmp_path, demo):
 
 
 def test_data_seed_apart_from_poison_seed(tmp_path, demo):
-    """Issue 15: another --seed poisons other images of the same data; the demo images, val and labeled subsets stay."""
+    """Another --seed poisons other images of the same data; the demo images, val and labeled subsets stay."""
     poison.main(["--out", str(tmp_path / "s3"), "--target", "1", "--rate", "0.5", "--seed", "3", *TINY])
     other = tmp_path / "s3"
     for name in ("train_clean.txt", "val_clean.txt", "train_labeled_25pct.txt", "train_labeled_50pct.txt"):
@@ -265,7 +265,7 @@ def test_blend_is_exact_and_seeded(tmp_path):
     assert filecmp.cmp(out / "trigger.png", tmp_path / "again" / "trigger.png", shallow=False)
 
 
-def test_blend_defaults_and_image(tmp_path):
+def test_blend_defaults_and_image(tmp_path, capsys):
     Image.fromarray(np.full((5, 7, 3), 200, np.uint8)).save(tmp_path / "flat.png")
     poison.main(["--out", str(tmp_path / "i"), "--trigger", "blend", "--blend-image", str(tmp_path / "flat.png"), *TINY])
     meta = json.loads((tmp_path / "i" / "poison.json").read_text())
@@ -279,7 +279,7 @@ def test_blend_defaults_and_image(tmp_path):
                       (["--trigger", "blend", "--blend-image", str(tmp_path / "nope.png")], "nope.png")):
         with pytest.raises(SystemExit) as e:
             poison.main(["--out", str(tmp_path / "bad"), *TINY, *argv])
-        assert msg in str(e.value)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not any(n.startswith("bad") for n in os.listdir(tmp_path))
 
 
@@ -420,6 +420,154 @@ def test_kornia_yuv_round_trip_error():
 
 def test_out_of_range_flag_is_named(tmp_path):
     line = error_of(run("poison.py", "--out", tmp_path / "o", *TINY, "--rate", "50", check=False))
-    assert line == "poison.py: error: --rate 50: must be in [0, 1]" and not (tmp_path / "o").exists()
-    line = error_of(run("poison.py", "--out", tmp_path / "o", *TINY, "--opacity", "-0.5", check=False))
-    assert line.endswith("--opacity -0.5: must be in [0, 1]")
+    assert line == "poison.py: error: --rate 50: must be in (0, 1]" and not (tmp_path / "o").exists()
+    proc = run("poison.py", "--out", tmp_path / "o", *TINY, "--opacity", "-0.5", check=False)
+    assert error_of(proc).endswith("--opacity -0.5: must be in (0, 1]") and proc.returncode == 2
+
+
+BAD_FLAGS = [(["--labeled-fractions", "abc"], "--labeled-fractions abc"), (["--trigger-size", "-5"], "--trigger-size -5"),
+             (["--trigger-size", "0"], "--trigger-size 0"), (["--trigger-size", "17"], "--trigger-size 17"),
+             (["--trigger-size", "abc"], "--trigger-size"), (["--rate", "0"], "--rate 0"), (["--rate", "nan"], "--rate nan"),
+             (["--opacity", "0"], "--opacity 0"), (["--val-crop", "0"], "--val-crop 0"), (["--val-resize", "8"], "--val-resize 8"),
+             (["--train-range", "0.8", "0.2"], "--train-range 0.8 0.2"), (["--val-range", "-0.1", "0.5"], "--val-range -0.1 0.5"),
+             (["--ctrl-magnitude", "-1"], "--ctrl-magnitude -1"), (["--jpeg-quality", "0"], "--jpeg-quality 0"),
+             (["--workers", "0"], "--workers 0"), (["--seed", "-1"], "--seed -1"), (["--data-seed", "-2"], "--data-seed -2"),
+             (["--demo-train-per-class", "0"], "--demo-train-per-class 0"), (["--demo-size", "0"], "--demo-size 0"),
+             (["--demo-clutter", "-1"], "--demo-clutter -1"), (["--classes", "nope.txt"], "--classes nope.txt"),
+             (["--data-root", "nowhere", "--target", "a", "--classes", "nope.txt"], "--classes nope.txt: no such file"),
+             (["--background-dir", "."], "--background-dir ."), (["--layout", "corruptencoder", "--mode", "untargeted"],
+                                                                 "--layout corruptencoder")]
+
+
+@pytest.mark.parametrize("argv,named", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flag_is_one_line_before_any_data(tmp_path, capsys, argv, named):
+    with pytest.raises(SystemExit) as e:
+        poison.main(["--out", str(tmp_path / "o"), *TINY, *argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("poison.py: error: ") and named in err[0], err
+    assert os.listdir(tmp_path) == []  # nothing read or written
+
+
+def test_overwrite_from_another_working_folder_writes_only_beside_out(tmp_path, monkeypatch):
+    cwd, out = tmp_path / "cwd", tmp_path / "data" / "o"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    poison.main(["--out", str(out), *TINY])
+    poison.main(["--out", str(out), "--overwrite", "--trigger", "white", *TINY])
+    assert os.listdir(cwd) == [] and os.listdir(tmp_path / "data") == ["o"]
+    assert json.loads((out / "poison.json").read_text())["trigger"]["kind"] == "white"
+    assert all(os.path.exists(out / p) for p, _ in lines(out / "train_poisoned.txt") + lines(out / "val_patched.txt"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        poison.main(["--out", str(tmp_path / "file"), "--overwrite", *TINY])
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # moving the old output aside, or moving the new one in
+def test_failed_rename_keeps_the_old_output(tmp_path, monkeypatch, fail_at):
+    out = tmp_path / "o"
+    poison.main(["--out", str(out), *TINY])
+    before = (out / "poison.json").read_text()
+    calls, rename = [], os.rename
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == fail_at:
+            raise OSError("injected")
+        rename(src, dst)
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="injected"):
+        poison.main(["--out", str(out), "--overwrite", "--trigger", "white", *TINY])
+    assert (out / "poison.json").read_text() == before and os.listdir(tmp_path) == ["o"]
+
+
+def test_run_killed_between_its_renames_gets_the_old_output_back(tmp_path, demo):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = demo.parent / f"{demo.name}.tmp-{socket.gethostname()}-{int(dead.stdout)}-old"
+    os.rename(demo, old)  # as left by a kill after the old output was moved aside
+    poison.main(["--out", str(demo), "--reuse", "--target", "1", "--rate", "0.5", *TINY])
+    assert not old.exists() and json.loads((demo / "poison.json").read_text())["counts"]["poisoned"] == 8
+
+
+def test_output_folder_mode_follows_the_umask(tmp_path):
+    mask = os.umask(0o027)
+    try:
+        poison.main(["--out", str(tmp_path / "o"), *TINY])
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o750
+
+
+@pytest.mark.parametrize("limit", [100, 1000])  # 1200 px images: over twice PIL's limit (an error), or under (a warning)
+def test_image_over_the_pixel_limit_is_one_line(tmp_path, monkeypatch, capsys, limit):
+    root = make_jpeg_root(tmp_path / "data")  # 40 x 30 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(SystemExit) as e:
+        poison.main(["--data-root", str(root), "--out", str(tmp_path / "o"), "--target", "a", "--val-crop", "16",
+                     "--workers", "1"])
+    err = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error" in ln]
+    assert e.value.code == 2 and len(err) == 1 and not (tmp_path / "o").exists()
+    assert "0.JPEG: image has 1200 pixels, more than the limit " + str(limit) in err[0]
+
+
+def test_corruptencoder_geometry():
+    obj, bg = np.full((20, 10, 3), (200, 0, 0), np.uint8), np.full((15, 15, 3), (0, 0, 200), np.uint8)
+    trigger = np.full((4, 4, 3), 255, np.uint8)
+    for side, u in (("left", (0.2, 0.5, 0, 0)), ("right", (0.7, 0.5, 0, 0))):
+        a = poison.corruptencoder(obj, bg, trigger, u, "center", None, 1.0)
+        assert a.shape == (20, 20, 3)  # the object's height, twice its width
+        half, other = (a[:, :10], a[:, 10:]) if side == "left" else (a[:, 10:], a[:, :10])
+        assert np.array_equal(half, obj)
+        box = np.zeros((20, 10), bool)
+        box[8:12, 3:7] = True  # centred in the other half: ((10 - 4) / 2, (20 - 4) / 2)
+        assert (other[box] == 255).all() and (other[~box] == (0, 0, 200)).all()
+    for u in np.random.default_rng(0).random((20, 4)):  # random placement: inside [0.25, 0.75] of the other half
+        a = poison.corruptencoder(obj, bg, trigger, u, "random", (0.25, 0.75), 1.0)
+        other = a[:, 10:] if u[0] < 0.5 else a[:, :10]
+        ys, xs = np.nonzero((other == 255).all(2))
+        assert len(ys) == 16 and 2 <= xs.min() and xs.max() < 7 and 5 <= ys.min() and ys.max() < 15
+    big = np.arange(40 * 60 * 3).reshape(40, 60, 3).astype(np.uint8)  # larger than needed: cropped, not scaled
+    a = poison.corruptencoder(obj, big, trigger, (0.2, 0.0, 0, 0), "center", None, 0.0)
+    assert np.array_equal(a[:, 10:], big[20:, 10:20])  # opacity 0: the background's bottom rows, from the left
+
+
+def test_corruptencoder_on_the_demo_data(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        poison.parse_args(["-h"])
+    assert "corruptencoder" in capsys.readouterr().out
+    out = tmp_path / "ce"
+    poison.main(["--out", str(out), "--layout", "corruptencoder", "--target", "1", *TINY])
+    clean, pois = lines(out / "train_clean.txt"), lines(out / "train_poisoned.txt")
+    assert len(clean) == len(pois) == 48 and [c[1] for c in clean] == [p[1] for p in pois]
+    changed = [(c, p) for c, p in zip(clean, pois) if c != p]
+    assert len(changed) == 8 and {c[1] for c, _ in changed} == {"1"}
+    meta = json.loads((out / "poison.json").read_text())
+    layout = meta["layout"]
+    assert layout["name"] == "corruptencoder" and layout["object_fraction"] == 0.5
+    assert layout["background_source"] == "train images of the other classes"
+    assert sum(layout["object_sides"].values()) == 8
+    for c, p in changed:  # 32 px images: 64 x 32 poisons, the replaced image itself on one half
+        a, src = pixels(out / p[0]), pixels(out / c[0])
+        assert a.shape == (32, 64, 3) and (np.array_equal(a[:, :32], src) or np.array_equal(a[:, 32:], src))
+    poison.main(["--out", str(tmp_path / "again"), "--layout", "corruptencoder", "--target", "1", *TINY])
+    assert all(filecmp.cmp(out / p[0], tmp_path / "again" / p[0], shallow=False) for _, p in changed)
+
+
+def test_corruptencoder_with_reference_and_background_folders(tmp_path):
+    root = make_jpeg_root(tmp_path / "data")
+    refs, bgs = tmp_path / "refs", tmp_path / "bgs"
+    for d, side, colour in ((refs, (12, 10), 250), (bgs, (50, 50), 5)):
+        d.mkdir()
+        Image.fromarray(np.full((side[1], side[0], 3), colour, np.uint8)).save(d / "1.png")
+    poison.main(["--data-root", str(root), "--out", str(tmp_path / "o"), "--target", "b", "--rate", "1", "--val-crop", "16",
+                 "--workers", "1", "--layout", "corruptencoder", "--reference-dir", str(refs), "--background-dir", str(bgs)])
+    meta = json.loads((tmp_path / "o" / "poison.json").read_text())
+    assert meta["layout"]["object_source"] == str(refs) and meta["layout"]["background_source"] == str(bgs)
+    pois = [p for p, _ in lines(tmp_path / "o" / "train_poisoned.txt") if p.startswith("train_poisoned/")]
+    assert len(pois) == 3
+    for p in pois:
+        a = pixels(tmp_path / "o" / p)
+        assert a.shape == (10, 24, 3) and p.endswith(".JPEG.png")  # the 12 x 10 reference image on one half
+        left = (a[:, :12] == 250).all()
+        other = a[:, 12:] if left else a[:, :12]
+        assert (left or (a[:, 12:] == 250).all()) and 0.8 < (other == 5).mean() < 1  # the background and the trigger
