@@ -2,20 +2,18 @@
 
 Paper: https://arxiv.org/abs/2105.10123  Reference code: https://github.com/UMBCvision/SSL-Backdoor (poison-generation/)
 
-Consumes an image folder in the ImageNet layout (`--data-root` with train/<class>/* and val/<class>/*), or, without
-`--data-root`, generates a small procedural texture data set (the demo data used by the quickstart and the tests).
-Produces, in `--out`, file lists of "<path> <label>" lines (paths relative to the list's folder when inside it):
-  train_clean.txt, train_poisoned.txt    every training image; in the poisoned list the poisons point to patched copies
-  val_clean.txt, val_patched.txt         every val image; patched = resized + center-cropped (nothing when every val
-                                         image already has the crop size: poison.json "val_geometry"), then triggered
+Consumes an ImageNet-layout folder (`--data-root`: train/<class>/*, val/<class>/*) or, without it, generates a small
+procedural texture data set (the demo data). Produces, in `--out`, "<path> <label>" lists (paths relative to the folder):
+  train_clean.txt, train_poisoned.txt    every train image; in the poisoned list the poisons point to patched copies
+  val_clean.txt, val_patched.txt         every val image; patched = resized + center-cropped (unless every val image
+                                         has the crop size: poison.json "val_geometry"), then triggered
   train_labeled_<p>pct.txt               class-balanced clean subsets (linear probe labels, CompReSS clean data)
   trigger.png, preview.png, poison.json  the trigger, a grid of poisoned/patched samples, every parameter and count
-Deviations from the reference: everything is seeded; `--opacity` is the trigger's opacity (the reference's `alpha`
-is the base image's, so alpha = 1 - opacity); files inside a class are sorted; PNG images stay PNG (the reference
-re-encodes every poison as JPEG quality 75, which we keep for patch triggers on JPEG sources); blend and CTRL images
-are saved as PNG (`--image-format auto`; poison.json "image_format"), since JPEG q75 keeps none of CTRL's +100
-coefficients and about half of a blend's signal. Triggers beyond the reference: a blend (Chen et al. 2017) and
-CTRL (Li et al., ICCV 2023; meet-cjli/CTRL), which we round to uint8 (CTRL keeps floats).
+Deviations from the reference: everything is seeded; `--opacity` is the trigger's opacity (reference alpha = 1 -
+opacity); files inside a class are sorted; patch poisons keep the source format (JPEG re-encoded at quality 75, as the
+reference does), blend and CTRL poisons are PNG (JPEG q75 keeps none of CTRL's signal, half of a blend's). Beyond the
+reference: a blend trigger (Chen et al. 2017), CTRL (Li et al., ICCV 2023), rounded to uint8, and CorruptEncoder's
+layout (Zhang et al., CVPR 2024), saved as PNG.
 """
 import argparse
 import json
@@ -109,8 +107,7 @@ FLAGS_OF_NO_OUTPUT = {"out", "overwrite", "reuse", "workers"}  # they do not cha
 
 
 def flags_differ(out, args):
-    """'--flag recorded, not current' for each flag with which the poison.json of an existing OUT was made otherwise
-    (a flag newer than the folder counts as its default); None when OUT holds no readable poison.json."""
+    """'--flag recorded, not current' for each flag recorded otherwise in OUT's poison.json (None: none readable)."""
     try:
         meta = json.load(open(os.path.join(out, "poison.json")))
         recorded, target = meta["args"], meta["target"]
@@ -124,7 +121,7 @@ def flags_differ(out, args):
             continue
         if k == "target" and str(0 if v is None else v) in (target["name"], str(target["index"])):
             continue  # the same class, by name or by index (the demo's default: 0)
-        if k in ("data_root", "classes", "blend_image", "trigger") and old and v and \
+        if k in ("data_root", "classes", "blend_image", "trigger", "reference_dir", "background_dir") and old and v and \
                 os.path.realpath(old) == os.path.realpath(v):
             continue  # the same file or folder, named from another working directory
         differ.append(f"--{k.replace('_', '-')} {old}, not {v}")
@@ -133,16 +130,14 @@ def flags_differ(out, args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Demo data: textures that fill the image, so class evidence survives random crops; random colours, phases, scales
-# and orientation jitter, so that neither colour nor position gives the class away (docs/methods.md).
-# The knobs below are the ones that were tuned (docs/methods.md, "Demo data"); change them here.
+# and orientation jitter, so that neither colour nor position gives the class away (docs/methods.md, "Demo data").
 DEMO_PERIOD = (12.0, 20.0)  # range of the pattern period, in pixels of a 64 px image (scaled with --demo-size)
 DEMO_TINT = 0.3  # strength of the random colour tint (saturated random colours made MoCo learn colour, not texture)
 DEMO_OBJECT = (0.5, 0.8)  # --demo-layout object: side of the textured rectangle, fraction of the image side
 DEMO_CLUTTER = (0.1, 0.3)  # --demo-clutter: side of a distractor patch, fraction of the image side
 DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_diagonal", "stripes_horizontal",
                 "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N, or give names
-# The default leaves out checkerboard and grid: the HTBA trigger is a checkered patch, and with them in the data the
-# patched images of every model go to grid or checkerboard, so no backdoor effect can show (docs/methods.md, "Demo data").
+# Without checkerboard and grid: with them, every model sends the checkered HTBA trigger to one of them.
 DEMO_DEFAULT = tuple(c for c in DEMO_CLASSES if c not in ("checkerboard", "grid"))
 
 
@@ -322,9 +317,8 @@ def window_dct(x, inverse=False):
 
 
 def ctrl(a, magnitude):
-    """CTRL on a uint8 RGB image (0-255), in float before the clamp and rounding: RGB -> YUV, DCT of each full window,
-    + magnitude at CTRL_POSITIONS of U and V, inverse DCT, YUV -> RGB. Border strips narrower than a window (sides
-    that are not multiples of 32) stay unchanged; the official code assumes sides that are multiples of 32."""
+    """CTRL, in float: RGB -> YUV, DCT of each full window, + magnitude at CTRL_POSITIONS of U and V, inverse DCT, YUV
+    -> RGB. Border strips narrower than a window stay unchanged (the official code assumes multiples of 32)."""
     n = CTRL_WINDOW
     h, w = a.shape[0] // n * n, a.shape[1] // n * n
     if h == 0 or w == 0:
@@ -428,11 +422,9 @@ def open_image(path):
             return Image.open(path)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # not OSErrors
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                with Image.open(path) as im:  # the header only
-                    w, h = im.size
-            finally:
-                Image.MAX_IMAGE_PIXELS = limit
+    with Image.open(path) as im:  # the header only
+        w, h = im.size
+    Image.MAX_IMAGE_PIXELS = limit
     raise ValueError(f"image has {w * h} pixels, more than the limit {limit} (PIL's Image.MAX_IMAGE_PIXELS)")
 
 
@@ -446,12 +438,9 @@ def scan(root, split, classes):
     items = []
     for label, cls in enumerate(classes):
         folder = os.path.join(root, split, cls)
-        if not os.path.isdir(folder):
-            fail(f"{folder}: class folder missing")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            fail(f"{folder}: no images")
-        items += [(os.path.join(folder, f), label) for f in files]
+        if not image_files(folder):
+            fail(f"{folder}: " + ("no images" if os.path.isdir(folder) else "class folder missing"))
+        items += [(p, label) for p in image_files(folder)]
     return items
 
 
@@ -476,13 +465,12 @@ def preview(rows, out_path, cell=96):
 def tmp_owner_dead(name, base):
     """Whether `<base>.tmp-<host>-<pid>-<x>` was left by a process of this host that no longer runs (a killed run)."""
     parts = name[len(base) + len(".tmp-"):].rsplit("-", 2)
-    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-        return False  # another host's run, or not ours: leave it
     try:
-        os.kill(int(parts[1]), 0)
+        if len(parts) == 3 and parts[0] == socket.gethostname():  # another host's folder, or not ours: left alone
+            os.kill(int(parts[1]), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
+    except (PermissionError, ValueError):
         pass
     return False
 
@@ -498,8 +486,8 @@ def main(argv=None):
     try:
         fractions = [float(f) for f in args.labeled_fractions.split(",") if f.strip()]
     except ValueError:
-        fail(f"--labeled-fractions {args.labeled_fractions}: must be comma-separated numbers in (0, 1]")
-    if any(not 0 < f <= 1 for f in fractions):
+        fractions = [math.nan]
+    if not all(0 < f <= 1 for f in fractions):
         fail(f"--labeled-fractions {args.labeled_fractions}: must be comma-separated numbers in (0, 1]")
     if family == "ctrl" and args.opacity is not None:
         fail("--opacity does not apply to --trigger ctrl (its strength is --ctrl-magnitude)")
@@ -569,24 +557,19 @@ def main(argv=None):
 
 def check_flags(args, crop, size, opacity, family):
     """Every numeric flag in its range, before anything is read or written."""
-    def fits(r):
-        return 0 <= r[0] < r[1] <= 1
+    for name, low in (("workers", 1), ("seed", 0), ("data_seed", 0), ("trigger_seed", 0), ("demo_train_per_class", 1),
+                      ("demo_val_per_class", 1), ("demo_size", 1), ("demo_clutter", 0)):
+        if getattr(args, name) < low:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {low} or more")
     for flag, value, ok, rule in (
             ("--rate", args.rate, 0 < args.rate <= 1, "in (0, 1]"), ("--opacity", opacity, 0 < opacity <= 1, "in (0, 1]"),
             ("--val-crop", crop, crop >= 1, "1 or more"), ("--trigger-size", size, size >= 1, "1 or more"),
             ("--trigger-size", size, family != "patch" or size <= crop, f"at most the val crop ({crop} px)"),
             ("--val-resize", args.val_resize, args.val_resize is None or args.val_resize >= crop, f"at least the val crop ({crop})"),
-            ("--train-range", args.train_range, fits(args.train_range), "two numbers with 0 <= low < high <= 1"),
-            ("--val-range", args.val_range, fits(args.val_range), "two numbers with 0 <= low < high <= 1"),
+            ("--train-range", args.train_range, 0 <= args.train_range[0] < args.train_range[1] <= 1, "0 <= low < high <= 1"),
+            ("--val-range", args.val_range, 0 <= args.val_range[0] < args.val_range[1] <= 1, "0 <= low < high <= 1"),
             ("--ctrl-magnitude", args.ctrl_magnitude, 0 < args.ctrl_magnitude < math.inf, "a positive number"),
-            ("--jpeg-quality", args.jpeg_quality, 1 <= args.jpeg_quality <= 100, "in [1, 100]"),
-            ("--workers", args.workers, args.workers >= 1, "1 or more"), ("--seed", args.seed, args.seed >= 0, "0 or more"),
-            ("--data-seed", args.data_seed, args.data_seed >= 0, "0 or more"),
-            ("--trigger-seed", args.trigger_seed, args.trigger_seed >= 0, "0 or more"),
-            ("--demo-train-per-class", args.demo_train_per_class, args.demo_train_per_class >= 1, "1 or more"),
-            ("--demo-val-per-class", args.demo_val_per_class, args.demo_val_per_class >= 1, "1 or more"),
-            ("--demo-size", args.demo_size, args.demo_size >= 1, "1 or more"),
-            ("--demo-clutter", args.demo_clutter, args.demo_clutter >= 0, "0 or more")):
+            ("--jpeg-quality", args.jpeg_quality, 1 <= args.jpeg_quality <= 100, "in [1, 100]")):
         if not ok:
             fail(f"{flag} {' '.join(f'{v:g}' for v in value) if isinstance(value, list) else f'{value:g}'}: must be {rule}")
 
@@ -674,11 +657,8 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
               f"shorter side ({train_short:g} px) but {size / crop:.1%} of the {crop} px val crop, so a random crop of a "
               f"train image holds a far smaller trigger than the val images (see --trigger-size)", file=sys.stderr)
 
-    # Lists point at the final location (tmp is renamed to out at the end); write them with tmp paths, same layout.
-    write_list(os.path.join(tmp, "train_clean.txt"), train)
-    write_list(os.path.join(tmp, "train_poisoned.txt"), poisoned)
-    write_list(os.path.join(tmp, "val_clean.txt"), val)
-    write_list(os.path.join(tmp, "val_patched.txt"), patched)
+    for name, items in (("train_clean", train), ("train_poisoned", poisoned), ("val_clean", val), ("val_patched", patched)):
+        write_list(os.path.join(tmp, name + ".txt"), items)  # relative paths: valid once tmp is renamed to out
     subsets = {}
     data_rng = np.random.default_rng([args.data_seed, 2])  # labeled subsets: a function of the data, not of --seed
     order = {c: data_rng.permutation([i for i, (_, y) in enumerate(train) if y == c]).tolist() for c in range(len(classes))}
