@@ -5,7 +5,9 @@ SSL-Backdoor or solo-learn checkpoints): a bare state dict, or one under "state_
 torchvision key names under some prefix ("module.encoder_q.", "module.base_encoder.", "backbone.", ...).
 Produces `--out`, a checkpoint with method "imported" that linear_probe.py, badencoder.py and compress_defense.py
 (as teacher) accept unchanged; "imported" records the file name, its SHA-256, the prefix and every key dropped.
-The file is loaded with torch.load(weights_only=True) only: a file that needs code execution to load is refused.
+The file is loaded with torch.load(weights_only=True) only: a file that pickles a class or function is refused, naming
+it. An existing --out is replaced only with --overwrite, and never when it is --weights itself; it is written to a
+temporary file beside it, then renamed.
 The prefix is the one under which every backbone tensor of --arch appears with its exact shape (or --prefix); where
 several fit, the query/online network wins over the key/target/momentum one. Classifier and heads are dropped.
 ResNets: any torchvision depth; a 3x3 conv1 means the small-image stem (3x3 stride-1 conv1, no max-pool).
@@ -17,7 +19,6 @@ import argparse
 import hashlib
 import math
 import os
-import pickle
 import re
 import sys
 import warnings
@@ -41,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--arch", required=True, help="a torchvision ResNet constructor name (resnet18, resnet50, "
                    "wide_resnet50_2, ...) or 'vit' (torchvision VisionTransformer, arguments read from the weights)")
     p.add_argument("--out", required=True, help="checkpoint file to write (e.g. encoder.pt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never --weights itself)")
     p.add_argument("--prefix", default=None, help="force this key prefix (e.g. 'module.encoder_q.', '' for none); "
                    "None = detect it")
     p.add_argument("--image-size", type=int, default=None, help="encoder input size; None = 224 for ResNets, the size "
@@ -58,10 +60,31 @@ class Refused(Exception):
 
 def main(argv=None):
     args = parse_args(argv)
+    problem = check_out(args)
+    if problem:  # a usage error, as argparse's: exit status 2
+        print(f"import_encoder.py: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         run(args)
     except Refused as e:
         sys.exit(f"import_encoder.py: error: {e}")
+
+
+def check_out(args):
+    """Why --out cannot be written, before any work (None: it can)."""
+    out, folder = args.out, os.path.dirname(os.path.abspath(args.out))
+    if os.path.realpath(out) == os.path.realpath(args.weights) or (
+            os.path.exists(out) and os.path.exists(args.weights) and os.path.samefile(out, args.weights)):
+        return f"--out {out} is --weights {args.weights}: the source weights would be replaced; choose another --out"
+    if os.path.isdir(out):
+        return f"--out {out} is a folder: give the checkpoint file to write (e.g. {os.path.join(out, 'encoder.pt')})"
+    if os.path.exists(out) and not args.overwrite:
+        return f"--out {out} exists: pass --overwrite to replace it"
+    while not os.path.exists(folder):  # the nearest folder that exists must let us create the rest
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        return f"--out {out}: cannot write in {folder} ({'not a folder' if not os.path.isdir(folder) else 'no permission'})"
+    return None
 
 
 def run(args):
@@ -121,13 +144,26 @@ def run(args):
         "mean": list(args.mean), "std": list(args.std), "encoder": encoder, "epoch": 0, "args": vars(args),
         "imported": {"file": os.path.basename(args.weights), "sha256": sha256, "container": container,
                      "prefix": prefix, "dropped": dropped, "filled": chosen["filled"]}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(checkpoint, args.out + ".tmp")  # atomic: a temporary file, then a rename
-    os.replace(args.out + ".tmp", args.out)
+    save(checkpoint, args.out)
     print(f"import_encoder.py: {os.path.basename(args.weights)} (sha256 {sha256[:12]}) -> {args.out}: {arch} {kwargs}, "
           f"prefix {prefix!r}, {len(used)} tensors, feature_dim {chosen['dim']}, image_size {image_size}; "
           f"dropped {len(dropped)} keys{summary(dropped, prefix)}"
           + (f"; {len(chosen['filled'])} missing num_batches_tracked set to 0" if chosen["filled"] else ""))
+
+
+def save(checkpoint, out):
+    """Atomic: a temporary file in --out's folder, then a rename; on any failure the temporary file is removed."""
+    tmp = f"{out}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+        raise Refused(f"--out {out}: cannot write it ({reason})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_weights(path):
@@ -143,12 +179,25 @@ def load_weights(path):
         if "TorchScript" in msg:
             raise Refused(f"{path}: a TorchScript archive (code, not a state dict; e.g. OpenAI CLIP's .pt files): "
                           "not importable") from None
-        if isinstance(e, pickle.UnpicklingError):
-            found = re.search(r"GLOBAL (\S+)", msg) or re.search(r"WeightsUnpickler error: (.+?) Check the", msg)
-            detail = found.group(1) if found else type(e).__name__
-            raise Refused(f"{path}: refused: loading it needs code execution or pickled classes ({detail}); this script "
-                          "loads weights with torch.load(weights_only=True) only") from None
-        raise Refused(f"{path}: not a PyTorch weights file ({type(e).__name__})") from None
+        raise Refused(f"{path}: {file_kind(path, msg)}") from None
+
+
+def file_kind(path, error):
+    """What a file that torch.load(weights_only=True) refused holds, in a few words (as the top-level scripts' file_kind)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        kind = "a zip" if head[:1] == b"P" else "a pickle"
+        found = re.search(r"GLOBAL (\S+)", error)  # weights_only's refusal names what it would have had to import
+        if found:
+            return (f"refused: {kind} file holding a pickled {found.group(1)}, which is not loaded (loading it would run "
+                    "code from the file); this script loads weights with torch.load(weights_only=True) only")
+        found = re.search(r"WeightsUnpickler error: (.+?)(?: Check the|$)", error)
+        detail = found.group(1) if found else error.split(". ")[0]  # torch's own reason, without its advice
+        return f"{kind} file that torch.load(weights_only=True) cannot read (damaged?): {detail}"
+    text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
+    looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
+    return f"not a PyTorch weights file (a zip or pickle file); {looks}"
 
 
 def find_state_dict(obj, path):
@@ -242,23 +291,21 @@ def expected_shapes(arch, arch_kwargs):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}, dim
 
 
-# copy of the top-level scripts' "encoder builder" block, InputError read as Refused (tests/test_import_encoder.py)
+# the top-level scripts' encoder builder, cut to what this script builds (tests/test_import_encoder.py compares them)
 def build_backbone(arch, arch_kwargs):
-    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
-    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    """A torchvision backbone without its classifier -> (model, feature_dim): a ResNet, {"small_stem": bool} (3x3
+    stride-1 conv1, no max-pool), or "vit", the VisionTransformer arguments (cls-token feature)."""
     if arch == "vit":
         model = torchvision.models.VisionTransformer(**arch_kwargs)
         model.heads = nn.Identity()
         return model, arch_kwargs["hidden_dim"]
-    kwargs = dict(arch_kwargs)
-    small_stem = kwargs.pop("small_stem", False)
     try:
-        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+        model = torchvision.models.get_model(arch, weights=None)
     except (ValueError, TypeError) as e:
         raise Refused(f"--arch {arch}: not a torchvision model this script can build ({e})") from None
     if not hasattr(model, "fc") or not hasattr(model, "conv1"):
         raise Refused(f"--arch {arch}: only torchvision ResNets (and 'vit') are supported")
-    if small_stem:
+    if arch_kwargs["small_stem"]:
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     dim = model.fc.in_features

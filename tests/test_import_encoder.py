@@ -51,7 +51,7 @@ def import_(tmp_path, obj, *flags, name="weights.pth"):
     """torch.save obj, import it in this process -> the checkpoint as the consumers read it."""
     torch.save(obj, tmp_path / name)
     out = tmp_path / "imported" / "encoder.pt"
-    import_encoder.main([str(a) for a in ("--weights", tmp_path / name, "--out", out, *flags)])
+    import_encoder.main([str(a) for a in ("--weights", tmp_path / name, "--out", out, "--overwrite", *flags)])
     return torch.load(out, weights_only=True)
 
 
@@ -236,14 +236,17 @@ def test_pickle_payload_is_refused_without_running(tmp_path):
     obj = {"state_dict": {**resnet18(0), "x": Payload(tmp_path / "ran_torch")}}
     torch.save(obj, tmp_path / "torch.pth")
     line = error_of(run(SCRIPT, "--weights", tmp_path / "torch.pth", "--arch", "resnet18", "--out", tmp_path / "o.pt",
-                        check=False))  # as the shell runs it: one line on stderr
-    assert line.startswith(f"import_encoder.py: error: {tmp_path / 'torch.pth'}: refused: loading it needs code "
-                           "execution") and "torch.load(weights_only=True) only" in line
-    for protocol in (2, None):  # pickle.dump into a .pth: the unpickler refuses an unknown global / a newer protocol
+                        check=False))  # as the shell runs it: one line on stderr, naming what the file pickles
+    assert line == (f"import_encoder.py: error: {tmp_path / 'torch.pth'}: refused: a zip file holding a pickled io.open, "
+                    "which is not loaded (loading it would run code from the file); this script loads weights with "
+                    "torch.load(weights_only=True) only")
+    for protocol, says in ((2, "refused: a pickle file holding a pickled torch.storage._load_from_bytes, which is not loaded"),
+                           (None, "a pickle file that torch.load(weights_only=True) cannot read (damaged?): "
+                                  "Unsupported operand 149")):  # pickle.dump into a .pth: a class, a newer protocol
         path = tmp_path / f"pickle{protocol}.pth"
         with open(path, "wb") as f:
             pickle.dump({"state_dict": {**resnet18(0), "x": Payload(tmp_path / f"ran_{protocol}")}}, f, protocol=protocol)
-        with pytest.raises(SystemExit, match=r"pickle.*\.pth: refused: loading it needs code execution"):
+        with pytest.raises(SystemExit, match=re.escape(f"pickle{protocol}.pth: {says}")):
             import_encoder.main(["--weights", str(path), "--arch", "resnet18", "--out", str(tmp_path / "o.pt")])
     assert sorted(os.listdir(tmp_path)) == ["pickle2.pth", "pickleNone.pth", "plain.pth", "ran_plain", "torch.pth"]
     torchscript = tmp_path / "ts.pt"
@@ -254,13 +257,96 @@ def test_pickle_payload_is_refused_without_running(tmp_path):
         import_encoder.main(["--weights", str(torchscript), "--arch", "resnet50", "--out", str(tmp_path / "o.pt")])
 
 
-def test_build_backbone_is_the_shared_block():
-    shared = re.search(r"^# shared: encoder builder \(same in every script\)\n(.*?)^# end shared$",
-                       open(os.path.join(ROOT, "linear_probe.py")).read(), re.S | re.M).group(1)
-    assert shared.replace("InputError", "Refused") in open(os.path.join(ROOT, SCRIPT)).read()
+def test_build_backbone_builds_what_the_consumers_build():
+    for arch, kwargs in (("resnet18", {"small_stem": False}), ("resnet18", {"small_stem": True}),
+                         ("resnet50", {"small_stem": False}), ("vit", VIT)):
+        with torch.device("meta"):
+            (ours, dim), (theirs, their_dim) = import_encoder.build_backbone(arch, kwargs), \
+                linear_probe.build_backbone(arch, kwargs)
+        assert dim == their_dim and {k: v.shape for k, v in ours.state_dict().items()} == \
+            {k: v.shape for k, v in theirs.state_dict().items()}, (arch, kwargs)
     assert not re.search(r"^(import|from) (" + "|".join(
         os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")) + r")\b",
         open(os.path.join(ROOT, SCRIPT)).read(), re.M)
+
+
+def usage_error(capsys, *argv):
+    """import_encoder.main in this process on a bad --out -> its one stderr line (exit status 2)."""
+    with pytest.raises(SystemExit) as e:
+        import_encoder.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("import_encoder.py: error: --out "), err
+    return err.strip()
+
+
+def test_out_is_never_the_weights_and_not_replaced_without_overwrite(tmp_path, capsys):
+    weights = tmp_path / "weights.pth"
+    torch.save(resnet18(0), weights)
+    before = weights.read_bytes()
+    for out in (weights, tmp_path / "." / "weights.pth"):
+        for flags in ((), ("--overwrite",)):
+            assert "is --weights" in usage_error(capsys, "--weights", weights, "--arch", "resnet18", "--out", out, *flags)
+    os.link(weights, tmp_path / "hardlink.pth")  # the same file under another name
+    assert "is --weights" in usage_error(capsys, "--weights", weights, "--arch", "resnet18", "--out",
+                                         tmp_path / "hardlink.pth", "--overwrite")
+    assert weights.read_bytes() == before
+    out = tmp_path / "encoder.pt"
+    out.write_bytes(b"keep me")
+    assert usage_error(capsys, "--weights", weights, "--arch", "resnet18", "--out", out).endswith(
+        "encoder.pt exists: pass --overwrite to replace it")
+    assert out.read_bytes() == b"keep me"
+    import_encoder.main([str(a) for a in ("--weights", weights, "--arch", "resnet18", "--out", out, "--overwrite")])
+    assert torch.load(out, weights_only=True)["method"] == "imported"
+    assert sorted(os.listdir(tmp_path)) == ["encoder.pt", "hardlink.pth", "weights.pth"]
+
+
+def test_folder_or_unwritable_out_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "weights.pth"
+    torch.save(resnet18(0), weights)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    assert "models is a folder: give the checkpoint file to write" in usage_error(
+        capsys, "--weights", weights, "--arch", "resnet18", "--out", folder, "--overwrite")
+    assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == ["models", "weights.pth"]  # no .tmp anywhere
+
+    def full_disk(obj, path):  # part of the file written, then the disk is full
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"--out .*encoder.pt: cannot write it \(\[enforce fail"):
+        import_encoder.main([str(a) for a in ("--weights", weights, "--arch", "resnet18", "--out", folder / "encoder.pt")])
+    assert os.listdir(folder) == []
+    monkeypatch.undo()
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert usage_error(capsys, "--weights", weights, "--arch", "resnet18", "--out", tmp_path / "notes.txt" / "e.pt").endswith(
+        f"cannot write in {tmp_path / 'notes.txt'} (not a folder)")
+    os.chmod(folder, 0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as root: a read-only folder is writable")
+        line = usage_error(capsys, "--weights", weights, "--arch", "resnet18", "--out", folder / "sub" / "encoder.pt")
+        assert line.endswith(f"cannot write in {folder} (no permission)")
+        with pytest.raises(import_encoder.Refused, match=f"--out {folder / 'encoder.pt'}: cannot write it "
+                                                         r"\(Permission denied\)"):
+            import_encoder.save({"x": 1}, str(folder / "encoder.pt"))  # the write itself fails: one line as well
+        assert os.listdir(folder) == []
+    finally:
+        os.chmod(folder, 0o755)
+
+
+def test_what_a_file_that_is_not_weights_is(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    noise = bytes([7]) + bytes(torch.randint(0, 256, (999,), generator=rng, dtype=torch.uint8).tolist())
+    for name, content, says in (("noise.pth", noise, "it is some other binary file"), ("empty.pth", b"", "it is empty"),
+                                ("notes.pth", b"epoch 3, lr 0.03\n", "it looks like text")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit, match=re.escape(f"{name}: not a PyTorch weights file (a zip or pickle file); {says}")):
+            import_encoder.main(["--weights", str(tmp_path / name), "--arch", "resnet18", "--out", str(tmp_path / "o.pt")])
+    (tmp_path / "cut.pth").write_bytes(b"PK\x03\x04" + noise)
+    with pytest.raises(SystemExit, match=r"cut.pth: a zip file that torch.load\(weights_only=True\) cannot read "
+                                         r"\(damaged\?\): PytorchStreamReader failed reading zip archive"):
+        import_encoder.main(["--weights", str(tmp_path / "cut.pth"), "--arch", "resnet18", "--out", str(tmp_path / "o.pt")])
+    assert not (tmp_path / "o.pt").exists()
 
 
 def reference_list(demo, tmp_path, target=1):
