@@ -2,7 +2,9 @@
 
 Standard library only. Nothing here is typed by hand: every number is read from a run folder.
   python scripts/tables.py pair RUN            one run: clean vs backdoored model on clean vs patched val
-  python scripts/tables.py runs DIR            one method's runs DIR/run<r>: mean ± std, "shown in k of N", details
+  python scripts/tables.py runs DIR            one method's runs DIR/run<r>, dev and test runs apart: mean ± std, per run
+                                               the patched FP over the probe seeds and the verdict, "shown in k of N
+                                               test runs", details
   python scripts/tables.py main ROOT           Saha et al. Table: ROOT/<method>/run<r> (or ROOT/<method>[_<any>]) runs
   python scripts/tables.py details ROOT        every run of ROOT/<method>/: its target, trigger seed and cells
   python scripts/tables.py defense ROOT        CompReSS defense: ROOT[/run<r>]/teacher, .../student_<p>pct
@@ -21,11 +23,24 @@ Standard library only. Nothing here is typed by hand: every number is read from 
 A run folder RUN holds clean/ and poisoned/ (trainer outputs: checkpoint.pt, log.jsonl; clean/ may link them to the
 method's one clean model) with probe/metrics.json inside, data/poison.json, and feature_space.json if drawn. Over
 several runs a cell is mean ± sample standard deviation.
+
+Dev and test runs (scripts/runs.py): runs 0-7 are dev runs, on which settings are chosen; runs 8 and up are test runs,
+which report them. The runs table counts each block on its own: "BYOL (demo preset): shown in 6 of 8 test runs".
+The verdict of a run (the runs table): a run is shown only if it is shown at 4 or more of 5 probe seeds and its control
+stays below it. Shown at a probe seed k (0-4: run<r>/probe_seeds/{clean,poisoned}/s<k>, made by quickstart.sh RUNS=N):
+the per-probe rule shown(), the backdoored model's patched-val FP at least 3x the clean model's and at least 5% of the
+non-target val images more, both models' clean-val Acc at least twice chance. Its control stays below it: the control
+(another run's backdoored model, run<r>/control/probe, probed on run r's lists at probe seed r) sends fewer patched
+images to the target than run r's backdoored model at probe seed r. A run without its 5 probe seeds or its control gets
+no verdict and is not counted. The other tables (main, glance, details, knobs, triggers, pair) give the per-probe rule
+at the run's own probe seed r.
+Time columns give one model's training time, with how many models were trained at once where the trainer folder's done
+file says (jobs=<n>, quickstart.sh); under each table, the machines of its runs (the "machine" record of each trainer's
+log.jsonl; "unknown" where a log has none).
 """
 import glob
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -85,6 +100,55 @@ def minutes(seconds):
     return f"{seconds / 60:.1f} min"
 
 
+def trainer_folder(folder):
+    """The folder the trainer wrote (run<r>/clean links the files of the method's one clean model)."""
+    return os.path.dirname(os.path.realpath(os.path.join(folder, "log.jsonl")))
+
+
+def at_once(folder):
+    """How many models were trained at once with this one: jobs=<n> in its done file (quickstart.sh), or None."""
+    path = os.path.join(trainer_folder(folder), "done")
+    m = re.search(r"^jobs=(\d+)$", open(path).read(), flags=re.M) if os.path.isfile(path) else None
+    return int(m.group(1)) if m else None
+
+
+def train_time(folders, count=False):
+    """One model's training time over FOLDERS (each trainer folder once: one clean model linked into every run counts
+    once), mean per load: '5.4 min (1 at once)'; the time alone where no done file says the load. count: ' (x2)' for a
+    mean over several models."""
+    groups = {}
+    for t in {trainer_folder(f) for f in folders}:
+        log = train_log(t)
+        if log:
+            groups.setdefault(at_once(t), []).append(log[1])
+    return ", ".join(f"{minutes(statistics.mean(s))}{f' ({j} at once)' if j else ''}"
+                     f"{f' (x{len(s)})' if count and len(s) > 1 else ''}"
+                     for j, s in sorted(groups.items(), key=lambda g: g[0] or 0)) or "-"
+
+
+def machine(folder):
+    """The machine a trainer ran on: the first "machine" record of its log.jsonl, in words, or 'unknown'."""
+    path = os.path.join(folder, "log.jsonl")
+    for r in map(json.loads, open(path)) if os.path.isfile(path) else []:
+        if isinstance(r.get("machine"), dict):
+            m = r["machine"]
+            threads = f"{m.get('threads')} thread{'' if m.get('threads') == 1 else 's'} per model"
+            return (f"{m.get('cpu') or 'unknown CPU'}, {m.get('cores')} cores, {threads}, {m.get('gpu') or 'no GPU'}, "
+                    f"torch {m.get('torch')}, Python {m.get('python')}")
+    return "unknown"
+
+
+def machines(runs):
+    """'Machines (trainers' log.jsonl): <machine>: 8 runs; unknown: 2 runs.': the machines of the runs' clean and
+    backdoored models, each with how many runs used it."""
+    count = {}
+    for r in runs:
+        for m in {machine(os.path.join(r, kind)) for kind in ("clean", "poisoned")}:
+            count[m] = count.get(m, 0) + 1
+    return "Machines (trainers' log.jsonl): " + "; ".join(
+        f"{m}: {n} run{'s' if n > 1 else ''}" for m, n in sorted(count.items(), key=lambda x: (-x[1], x[0]))) + "."
+
+
 def cell(values, digits=1):
     """One run: the value as the probe wrote it (counts stay integers); several: mean ± std."""
     values = [v for v in values if v is not None]
@@ -103,9 +167,9 @@ def pair(run):
         if m is None:
             rows.append(f"| {label} | (no metrics.json) |||||||")
             continue
-        ep, sec, ips = t if t else (None, None, None)
+        ep, _, ips = t if t else (None, None, None)
         rows.append(f"| {label} | {m['acc_clean']:.1f} | {m['fp_clean']} | {m['acc_patched']:.1f} | {m['fp_patched']} | "
-                    f"{m['asr']:.1f} | {ep if ep else '-'} | {minutes(sec) if sec else '-'} | {f'{ips:.0f}' if ips else '-'} |")
+                    f"{m['asr']:.1f} | {ep if ep else '-'} | {train_time([os.path.join(run, kind)])} | {f'{ips:.0f}' if ips else '-'} |")
     m = load(os.path.join(run, "poisoned", "probe", "metrics.json"))
     if m:
         seed = trigger_seed(run)
@@ -127,6 +191,7 @@ def pair(run):
                         (f" Feature norm, patched over clean: {fs['clean']['trigger_norm_ratio']:.2f} (clean model), "
                          f"{fs['backdoored']['trigger_norm_ratio']:.2f} (backdoored)." if "trigger_norm_ratio" in fs["clean"]
                          else ""))
+    rows.append(machines([run]))
     return "\n".join(rows)
 
 
@@ -210,8 +275,9 @@ MAIN_HEADER = ("| method | | clean model: clean Acc / FP | clean model: patched 
                "backdoored per run |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def method_rows(method, runs):
-    """The paper's row and ours (mean ± std over the finished runs), and the verdict line over the runs."""
+def method_rows(method, runs, rule=None):
+    """The paper's row and ours (mean ± std over the finished runs), and the verdict line over the runs. rule(run):
+    the run's verdict (True, False, or None: not counted) for the "effect shown" cell; default shown() at probe seed r."""
     p = PAPER[method]
     rows = [f"| {method} | paper | {p[0]} / {p[1]} | {p[2]} / {p[3]} | {p[4]} / {p[5]} | {p[6]} / {p[7]} | "
             f"{100 * p[7] / 4950:.1f} | {p[7] - p[3]:.1f} | | | 10 | {PAPER_EPOCHS[method]} | 224 | |"]
@@ -220,15 +286,14 @@ def method_rows(method, runs):
         return rows + [f"| {method} | ours | (not run) |||||||||||"], None
     _, c, b, fs = map(list, zip(*done))
     k, n = sum(shown(x, y) for x, y in zip(c, b)), len(done)
-    clean_logs = {os.path.realpath(os.path.join(r, "clean", "log.jsonl")): train_log(os.path.join(r, "clean"))
-                  for r, *_ in done}  # one clean model linked into every run counts once
-    clean_sec = [t[1] for t in clean_logs.values() if t]
-    bd_logs = [train_log(os.path.join(r, "poisoned")) for r, *_ in done]
-    bd_sec = [t[1] for t in bd_logs if t]
-    ep = max((t[0] for t in list(clean_logs.values()) + bd_logs if t), default=0)
-    time = (f"{minutes(statistics.mean(clean_sec)) if clean_sec else '-'}"
-            f"{f' (x{len(clean_sec)})' if len(clean_sec) > 1 else ''}, {minutes(statistics.mean(bd_sec)) if bd_sec else '-'}")
-    rows.append(f"| {method} | ours | " + " | ".join(pair_cells(c, b, fs)[:6]) + f" | {k} of {n} | {pair_cells(c, b, fs)[6]} | "
+    verdicts = [v for r, *_ in done for v in [rule(r)] if v is not None] if rule else None
+    effect = f"{k} of {n}" if rule is None else f"{sum(verdicts)} of {len(verdicts)}" + (
+        f" (+{n - len(verdicts)} without a verdict)" if len(verdicts) < n else "")
+    logs = [train_log(os.path.join(r, kind)) for r, *_ in done for kind in ("clean", "poisoned")]
+    ep = max((t[0] for t in logs if t), default=0)
+    time = (f"{train_time([os.path.join(r, 'clean') for r, *_ in done], count=True)}, "
+            f"{train_time([os.path.join(r, 'poisoned') for r, *_ in done])}")
+    rows.append(f"| {method} | ours | " + " | ".join(pair_cells(c, b, fs)[:6]) + f" | {effect} | {pair_cells(c, b, fs)[6]} | "
                 f"{n} | {ep} | {image_size(os.path.join(done[0][0], 'clean'))} | {time} |")
     diff = [y["fp_patched"] - x["fp_patched"] for x, y in zip(c, b)]
     line = (f"{METHOD_NAMES[method]}: backdoor effect shown in {k} of {n} run{'s' if n > 1 else ''} (at least 3x the clean "
@@ -237,14 +302,89 @@ def method_rows(method, runs):
     return rows, line
 
 
+PROBE_SEEDS, SHOWN_AT = range(5), 4  # a run is shown at 4 or more of probe seeds 0-4 (and its control below it)
+RULE = ("Verdict: a run is shown only if it is shown at 4 or more of 5 probe seeds (0-4) and its control stays below it. "
+        "Shown at a probe seed: the backdoored model's patched-val FP at least 3x the clean model's and at least 5% of the "
+        "non-target val images more, both models' clean-val Acc at least twice chance. The control stays below: its "
+        "patched FP (another run's backdoored model on run r's lists, probe seed r) is lower than run r's backdoored "
+        "model's at probe seed r. A run without its 5 probe seeds or its control gets no verdict and is not counted.")
+
+
+def block(r):
+    """scripts/runs.py's block: runs 0-7 are dev runs (settings are chosen on them), runs 8 and up test runs."""
+    return "dev" if r < 8 else "test"
+
+
+def seed_probes(run):
+    """{k: (clean, backdoored metrics)} at each of the verdict's probe seeds that both models have."""
+    out = {}
+    for k in PROBE_SEEDS:
+        c, b = (load(os.path.join(run, "probe_seeds", kind, f"s{k}", "metrics.json")) for kind in ("clean", "poisoned"))
+        if c and b:
+            out[k] = (c, b)
+    return out
+
+
+def run_verdict(run):
+    """(True, False or None, in words): the run's verdict by RULE; None where it has no verdict (not counted)."""
+    probes = seed_probes(run)
+    if len(probes) < len(PROBE_SEEDS):
+        return None, f"verdict needs {len(PROBE_SEEDS)} probe seeds"
+    own, ctrl = (load(os.path.join(run, d, "probe", "metrics.json")) for d in ("poisoned", "control"))
+    if not own or not ctrl:
+        return None, "verdict needs a control"
+    at = sum(shown(c, b) for c, b in probes.values())
+    if at < SHOWN_AT:
+        return False, f"not shown (at {at} of {len(probes)} probe seeds)"
+    if ctrl["fp_patched"] >= own["fp_patched"]:
+        return False, "not shown (the control is not below)"
+    return True, "shown"
+
+
+def spread(values):
+    """'60 (50-70)': median (min-max), or '-'."""
+    return f"{statistics.median(values):g} ({min(values)}-{max(values)})" if values else "-"
+
+
 def runs_table(folder):
-    """One method's runs (FOLDER/run<r>, e.g. RUNS=N bash scripts/quickstart.sh): its main-table rows and details."""
+    """One method's runs (FOLDER/run<r>, e.g. RUNS=N bash scripts/quickstart.sh), dev and test runs apart: per block its
+    main-table rows (effect shown: RULE), the verdict line, and per run the patched FP of the backdoored and the clean
+    model over the probe seeds, the control's and the verdict; then the rule, every run's details and the machines."""
     done = finished(numbered_runs(folder))
     if not done:
         return f"{folder}: no finished run (run<r>/clean/probe and run<r>/poisoned/probe)"
     method = done[0][2]["method"]
-    rows, line = method_rows(method, [r for r, *_ in done])
-    return "\n".join([MAIN_HEADER, *rows, "", line, "", details_table(None, {method: [r for r, *_ in done]})])
+    protocol = done[0][2].get("args", {}).get("protocol")
+    name = os.path.basename(os.path.abspath(folder))
+    label = (f"setting {name}" if os.path.basename(os.path.dirname(os.path.abspath(folder))) == "knobs" else
+             f"{'demo' if protocol == 'demo' else 'paper'} preset" if protocol else name)
+    out = []
+    for blk in ("dev", "test"):
+        runs = [r for r, *_ in done if block(run_number(r)) == blk]
+        if not runs:
+            continue
+        verdicts = {r: run_verdict(r) for r in runs}
+        rows, _ = method_rows(method, runs, rule=lambda r: verdicts[r][0])
+        counted = [v for v, _ in verdicts.values() if v is not None]
+        out += [MAIN_HEADER, *rows, "",
+                f"{METHOD_NAMES[method]} ({label}): shown in {sum(counted)} of {len(counted)} {blk} runs"]
+        for why in sorted({w for v, w in verdicts.values() if v is None}):
+            numbers = [str(run_number(r)) for r in runs if verdicts[r] == (None, why)]
+            out.append(f"Not counted: run{'s' if len(numbers) > 1 else ''} {', '.join(numbers)} ({why}).")
+        out += ["", f"| run | block | target | trigger seed | backdoored: patched FP at probe seeds "
+                f"{PROBE_SEEDS[0]}-{PROBE_SEEDS[-1]}, median (min-max) | clean model: the same | control: patched FP "
+                "(its model's run) | backdoored: patched FP at probe seed r | shown at probe seeds | verdict |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            probes, b = seed_probes(r), load(os.path.join(r, "poisoned", "probe", "metrics.json"))
+            seed = trigger_seed(r)
+            out.append(f"| {run_number(r)} | {blk} | {b['target']} '{b['target_name']}' | {'-' if seed is None else seed} | "
+                       f"{spread([p[1]['fp_patched'] for p in probes.values()])} | "
+                       f"{spread([p[0]['fp_patched'] for p in probes.values()])} | {control(r)} | {b['fp_patched']} | "
+                       f"{sum(shown(c, x) for c, x in probes.values())} of {len(probes)} | {verdicts[r][1]} |")
+        out.append("")
+    out += [RULE, "", details_table(None, {method: [r for r, *_ in done]}), "", machines([r for r, *_ in done])]
+    return "\n".join(out)
 
 
 def main_table(root):
@@ -256,7 +396,8 @@ def main_table(root):
     m = next((b for method in METHODS for _, _, b, _ in finished(runs_of(root, method))), None)
     if m:
         rows.append(f"\nOurs: demo data, {m['num_classes']} classes, FP out of {m['n_patched_nontarget']} non-target "
-                    f"val images; paper: ImageNet-100, FP out of 4,950, mean of 10 runs. {hardware()}.\n")
+                    f"val images; paper: ImageNet-100, FP out of 4,950, mean of 10 runs. "
+                    f"{machines([r for method in METHODS for r, *_ in finished(runs_of(root, method))])}\n")
         rows += [f"- {line}" for line in lines]
     return "\n".join(rows)
 
@@ -269,21 +410,21 @@ def glance_table(root):
             "FP, backdoored - clean | demo: time per run | run at ImageNet-100 scale here |",
             "|---|---|---|---|---|---|"]
     paper_root = os.path.join(os.path.dirname(os.path.abspath(root)), "reproduce_paper", "main")
-    m = None
+    m, every = None, []
     for method in METHODS:
         p, done = PAPER[method], finished(runs_of(os.path.join(root, "main"), method))
+        every += [r for r, *_ in done]
         at_scale = finished(runs_of(paper_root, method))
         scale = f"yes, {sum(shown(c, b) for _, c, b, _ in at_scale)} of {len(at_scale)}" if at_scale else "no"
         if not done:
             rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | (not run) | | | {scale} |")
             continue
-        sec = [t[1] for r, *_ in done for t in [train_log(os.path.join(r, "poisoned"))] if t]
         m = done[0][2]
         rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | {sum(shown(c, b) for _, c, b, _ in done)} of "
                     f"{len(done)} runs | {fmt([b['fp_patched'] - c['fp_patched'] for _, c, b, _ in done])} | "
-                    f"{minutes(statistics.mean(sec)) if sec else '-'} | {scale} |")
+                    f"{train_time([os.path.join(r, 'poisoned') for r, *_ in done])} | {scale} |")
     return "\n".join(rows) + (f"\n\nDemo: {m['num_classes']} classes, FP out of {m['n_patched_nontarget']} non-target val "
-                              f"images; time per run: the backdoored model's training; {hardware()}." if m else "")
+                              f"images; time per run: the backdoored model's training; {machines(every)}" if m else "")
 
 
 def control(run):
@@ -458,7 +599,8 @@ def triggers_table(root):
                         f"{', '.join(str(run_number(r)) for r, *_ in done)} | " + " | ".join(cells[1:6]) +
                         f" | {sum(shown(x, y) for x, y in zip(c, b))} of {len(done)} | {cells[6]} |")
             each[f"{method}, {trigger_name(done[0][0])}"] = [r for r, *_ in done]
-    return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) if each else "")
+    return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) + "\n\n" +
+                              machines(sorted({r for rs in each.values() for r in rs})) if each else "")
 
 
 RUN_ARGS = {"train_list", "out", "seed", "resume", "workers", "save_every", "log_every", "target", "trigger_seed",
@@ -501,20 +643,13 @@ def knobs_table(root):
             labels.add((method, label))
             _, c, b, fs = map(list, zip(*runs))
             cells = pair_cells(c, b, fs)
-            clean = {os.path.realpath(os.path.join(r, "clean", "log.jsonl")): train_log(os.path.join(r, "clean"))
-                     for r, *_ in runs}
-            sec = [[t[1] for t in clean.values() if t], [t[1] for t in (train_log(os.path.join(r, "poisoned"))
-                                                                         for r, *_ in runs) if t]]
-            time = ", ".join(minutes(statistics.mean(s)) if s else "-" for s in sec)
+            time = ", ".join(train_time([os.path.join(r, kind) for r, *_ in runs]) for kind in ("clean", "poisoned"))
             rows.append(f"| {METHOD_NAMES[method]} | {label} | {', '.join(str(run_number(r)) for r, *_ in runs)} | " +
                         " | ".join(cells[:6]) + f" | {sum(shown(x, y) for x, y in zip(c, b))} of {len(runs)} | "
                         f"{cells[6]} | {time} |")
             each[f"{method}, {label}"] = [r for r, *_ in runs]
-    return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) if each else "")
-
-
-def hardware():
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    return "\n".join(rows) + ("\n\nEvery run:\n\n" + details_table(None, each) + "\n\n" +
+                              machines(sorted({r for rs in each.values() for r in rs})) if each else "")
 
 
 def readme(path, root):
