@@ -104,7 +104,7 @@ def test_tables_over_runs(tmp_path):
 
 
 def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "2",
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PROBE_SEEDS": "0 1",  # the verdict's seeds, two of them here
            "POISON_EXTRA": "--demo-classes 3 --demo-train-per-class 16 --demo-val-per-class 4 --demo-size 32 "
                            "--val-crop 16 --trigger-size 4 --workers 1",
            "EXTRA": "--image-size 16 --epochs 1 --batch-size 16 --queue-size 32"}
@@ -126,6 +126,8 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
     assert f"{max(1, len(os.sched_getaffinity(0)) // 2)} moco.py" in threads
     assert "unset linear_probe.py" in threads  # the probes run one at a time, on every core
     assert os.path.getmtime(out / "clean" / "checkpoint.pt") == clean_mtime
+    # done records the models trained at once: the first call one at a time, the second only run 1's model to train
+    assert [open(out / d / "done").read() for d in ("clean", "run0/poisoned", "run1/poisoned")] == ["jobs=1\n"] * 3
     other = subprocess.run(cmd, cwd=ROOT, env={**env, "RUNS": "2", "POISON_EXTRA": env["POISON_EXTRA"] + " --rate 0.5"},
                            capture_output=True, text=True, timeout=600)  # the same OUT/data with another poison rate
     assert other.returncode != 0 and "--rate 1.0, not 0.5" in other.stderr and "epoch" not in other.stdout
@@ -147,7 +149,13 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
             str(out / "data" / f"run{r}"))
         assert os.path.realpath(control["encoder"]) == os.path.realpath(out / f"run{other}" / "poisoned" / "checkpoint.pt")
     table = open(out / "table.md").read()
-    assert "| moco | ours |" in table and " of 2 |" in table and "shown in" in table and "| moco | 1 |" in table
+    assert "| moco | ours |" in table and "| moco | 1 |" in table and "| 1 | dev |" in table
+    assert "MoCo v2 (demo preset): shown in 0 of 0 dev runs" in table  # 2 probe seeds of the 5 the verdict needs
+    assert "Not counted: runs 0, 1 (verdict needs 5 probe seeds)." in table
+    for r in (0, 1):  # quickstart.sh probed both models at PROBE_SEEDS, without features.pt
+        for kind in ("clean", "poisoned"):
+            assert sorted(os.listdir(out / f"run{r}" / "probe_seeds" / kind)) == ["s0", "s1"]
+            assert not os.path.exists(out / f"run{r}" / "probe_seeds" / kind / "s0" / "features.pt")
     # scripts/probe_seeds.sh: each run's two models probed again at seeds 0 and 1; run r's own probe is the one at seed r
     probes = subprocess.run(["bash", os.path.join(ROOT, "scripts", "probe_seeds.sh"), str(out), "0 1"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
@@ -159,21 +167,30 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
             assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
                    [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")], (r, kind)
     assert [ln.split(" | ")[0] for ln in probes.stdout.splitlines() if ln[:3] in ("| 0", "| 1")] == ["| 0", "| 1"]
+    # FIRST=8: a test run, its own data, seed and trigger, the same clean model; its control (run 9) is not trained
+    test = subprocess.run(cmd, cwd=ROOT, env={**env, "FIRST": "8", "RUNS": "1"}, capture_output=True, text=True, timeout=600)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert test.stdout.count("epoch 1/1") == 1 and os.path.getmtime(out / "clean" / "checkpoint.pt") == clean_mtime
+    meta = json.load(open(out / "data" / "run8" / "poison.json"))
+    assert (meta["target"]["index"], meta["trigger"]["seed"], meta["seed"]) == (runs.target(8, 3), 18, 8)
+    assert json.loads(open(out / "run8" / "poisoned" / "log.jsonl").readline())["args"]["seed"] == 8
+    assert not os.path.exists(out / "run7") and not os.path.exists(out / "run8" / "control")
+    table = open(out / "table.md").read()
+    assert "MoCo v2 (demo preset): shown in 0 of 0 dev runs" in table and "MoCo v2 (demo preset): shown in 0 of 0 test runs" in table
+    assert "Not counted: run 8 (verdict needs 5 probe seeds)." in table and "| 8 | test |" in table
     empty = subprocess.run(["bash", os.path.join(ROOT, "scripts", "probe_seeds.sh"), str(tmp_path / "none")], cwd=ROOT,
                            capture_output=True, text=True)
     assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "none: no run<r>" in empty.stderr
-    # scripts/sweep.sh: the same flags as one setting, its clean and run 0's models trained at once, the same probes
-    settings = tmp_path / "settings.txt"
-    settings.write_text(f"# a comment\nsame moco POISON_EXTRA=\"{env['POISON_EXTRA']}\" EXTRA=\"{env['EXTRA']}\"\n")
-    sweep = subprocess.run(["bash", os.path.join(ROOT, "scripts", "sweep.sh"), str(settings), str(tmp_path / "sweep")],
-                           cwd=ROOT, env={**env, "RUNS": "1", "JOBS": "2"}, capture_output=True, text=True, timeout=600)
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
-    assert "## same: " in sweep.stdout and "| moco | ours |" in sweep.stdout
-    for r in (0,):
-        for kind in ("clean", "poisoned"):
-            a, b = (json.load(open(o / f"run{r}" / kind / "probe" / "metrics.json")) for o in (out, tmp_path / "sweep" / "knobs" / "same"))
-            assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
-                   [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")], (r, kind)
+    # two models at once (JOBS=2: the clean model and run 0's) give the probes of one at a time; done says so
+    two = subprocess.run(cmd[:-1] + [str(tmp_path / "two")], cwd=ROOT, env={**env, "RUNS": "1", "JOBS": "2"},
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [open(tmp_path / "two" / d / "done").read() for d in ("clean", "run0/poisoned")] == ["jobs=2\n"] * 2
+    for kind in ("clean", "poisoned"):
+        a, b = (json.load(open(o / "run0" / kind / "probe" / "metrics.json")) for o in (out, tmp_path / "two"))
+        assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
+               [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")], kind
+    assert "2 at once" in open(tmp_path / "two" / "table.md").read()
     # scripts/trigger_sizes.sh: the clean model against run 0's trigger at other sides; at run 0's own side (4 px) it
     # rebuilds run 0's patched val from poison.json's flags and gives the clean model's probe of run 0
     sizes_cmd = ["bash", os.path.join(ROOT, "scripts", "trigger_sizes.sh"), str(out / "clean"), str(out / "data" / "run0"),
@@ -277,6 +294,8 @@ def test_triggers_table_puts_each_trigger_beside_the_htba_runs_of_the_same_r(tmp
         "21.4 ± 14.1 | 70.0 ± 42.4 | 2 of 2 | - |",
         "| BYOL | CTRL, magnitude 100 | 0 | 50.0 / 10 | 62.0 / 6 | 40.0 / 12 | 3.4 | 2 | 0 of 1 | - |",
         "| BYOL | HTBA patch, 7 px | 1 | 50.0 / 4 | 62.0 / 6 | 41.0 / 40 | 11.4 | 36 | 1 of 1 | - |"]  # 10x, +10.3%
+    details, footer = details.split("\n\n")
+    assert footer == "Machines (trainers' log.jsonl): unknown: 6 runs."  # no log.jsonl: no machine record
     assert [r.split(" | ")[:2] for r in details.splitlines()[2:]] == [
         ["| byol, HTBA patch, 14 px", "0"], ["| byol, HTBA patch, 14 px", "1"], ["| byol, blend, opacity 0.2", "0"],
         ["| byol, blend, opacity 0.2", "1"], ["| byol, CTRL, magnitude 100", "0"], ["| byol, HTBA patch, 7 px", "1"]]
@@ -289,7 +308,7 @@ def test_triggers_table_puts_each_trigger_beside_the_htba_runs_of_the_same_r(tmp
 def test_another_trigger_family_reuses_the_clean_model(tmp_path):
     """reproduce.sh TRIGGERS: run r of --trigger blend in its own data folder, with table 1's clean model linked in (the
     clean lists are the same images), is probed against that run's target; the clean model is not trained again."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "RUNS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "RUNS": "1", "PROBE_SEEDS": "0",
            "POISON_EXTRA": "--demo-classes 3 --demo-train-per-class 16 --demo-val-per-class 4 --demo-size 32 "
                            "--val-crop 16 --trigger-size 4 --workers 1",
            "EXTRA": "--image-size 16 --epochs 1 --batch-size 16 --queue-size 32"}
@@ -362,6 +381,8 @@ def test_knobs_table_puts_each_setting_below_the_presets_runs_of_the_same_r(tmp_
         "40.5 ± 0.7 / 49.0 ± 58.0 | 14.0 ± 16.6 | 46.0 ± 59.4 | 1 of 2 | - | 20.0 min, 15.0 min |",
         "| MoCo v2 | epochs 60, queue size 256 | 0, 1 | 60.0 ± 0.0 / 5.0 ± 0.0 | 50.0 ± 0.0 / 3.0 ± 1.4 | 62.0 ± 0.0 / 6.0 ± 0.0 | "
         "40.5 ± 0.7 / 49.0 ± 58.0 | 14.0 ± 16.6 | 46.0 ± 59.4 | 1 of 2 | - | 30.0 min, 22.5 min |"]  # the preset once
+    details, footer = details.split("\n\n")
+    assert footer == "Machines (trainers' log.jsonl): unknown: 6 runs."  # their logs have no machine record
     assert [r.split(" | ")[:2] for r in details.splitlines()[2:]] == [
         ["| moco, demo preset", "0"], ["| moco, demo preset", "1"], ["| moco, epochs 40", "0"], ["| moco, epochs 40", "1"],
         ["| moco, epochs 60, queue size 256", "0"], ["| moco, epochs 60, queue size 256", "1"]]
@@ -369,3 +390,112 @@ def test_knobs_table_puts_each_setting_below_the_presets_runs_of_the_same_r(tmp_
     readme.write_text("<!-- BEGIN knobs -->\nold\n<!-- END knobs -->\n")
     tables.readme(str(readme), str(tmp_path))
     assert "| MoCo v2 | epochs 40 | 0, 1 |" in readme.read_text() and "old" not in readme.read_text()
+
+
+def test_dev_and_test_blocks_and_each_runs_control():
+    assert [runs.block(r) for r in range(16)] == ["dev"] * 8 + ["test"] * 8
+    assert [tables.block(r) for r in range(16)] == [runs.block(r) for r in range(16)]  # tables.py's copy agrees
+    assert [runs.control(r) for r in (0, 1, 7, 8, 9, 15)] == [1, 0, 6, 9, 8, 14]  # within the block: 8 never uses 7
+    script = os.path.join(ROOT, "scripts", "runs.py")
+    got = [subprocess.run([sys.executable, script, "block", b], capture_output=True, text=True, check=True).stdout
+           for b in ("dev", "test", "8", "7")]
+    assert got == ["0 1 2 3 4 5 6 7\n", "8 9 10 11 12 13 14 15\n", "test\n", "dev\n"]
+    assert [runs.target(r, 8) for r in range(8, 16)] != [runs.target(r, 8) for r in range(8)]  # another order, and
+    assert sorted(runs.target(r, 8) for r in range(8, 16)) == list(range(8))  # every demo class once in the test runs
+
+
+def probed_run(run, clean_fps, backdoored_fps, own=(10, 60), control_fp=None, target=2):
+    """A run folder with its two probes at probe seed r (own), at each seed k of the lists, and a control."""
+    for kind, fp in zip(("clean", "poisoned"), own):
+        write(run / kind / "probe", "metrics.json", {**metrics(60.0, 5, 50.0, fp, target, "byol"), "args": {"protocol": "demo"}})
+    for k, (c, b) in enumerate(zip(clean_fps, backdoored_fps)):
+        write(run / "probe_seeds" / "clean" / f"s{k}", "metrics.json", metrics(60.0, 5, 50.0, c, target, "byol"))
+        write(run / "probe_seeds" / "poisoned" / f"s{k}", "metrics.json", metrics(60.0, 5, 50.0, b, target, "byol"))
+    if control_fp is not None:
+        write(run / "control" / "probe", "metrics.json", {**metrics(60.0, 5, 50.0, control_fp, target, "byol"),
+                                                          "encoder": str(run.parent / "run9" / "poisoned" / "checkpoint.pt")})
+
+
+def test_verdict_needs_four_of_five_probe_seeds_and_a_control_below(tmp_path):
+    """Shown at a probe seed: 3x the clean model's patched FP and +5% of 350 (18 images); a run: at 4 of 5 seeds, its
+    control below its own backdoored FP (60 at probe seed r). Runs 8-12 are test runs, run 3 a dev run."""
+    method = tmp_path / "byol"
+    four = ([10, 10, 10, 10, 30], [60, 70, 50, 40, 60])  # seed 4: 2x only -> 4 of 5
+    probed_run(method / "run3", *four, control_fp=5)
+    probed_run(method / "run8", *four, control_fp=20)
+    probed_run(method / "run9", [10, 10, 30, 30, 10], [60, 70, 50, 40, 60], control_fp=20)  # 3 of 5
+    probed_run(method / "run10", [10] * 5, [60] * 5, control_fp=60)  # 5 of 5, the control as high as the run
+    probed_run(method / "run11", [10] * 4, [60] * 4, control_fp=20)  # seed 4 missing
+    probed_run(method / "run12", [10] * 5, [60] * 5)  # no control
+    assert [tables.run_verdict(method / f"run{r}") for r in (8, 9, 10, 11, 12)] == [
+        (True, "shown"), (False, "not shown (at 3 of 5 probe seeds)"), (False, "not shown (the control is not below)"),
+        (None, "verdict needs 5 probe seeds"), (None, "verdict needs a control")]
+    table = tables.runs_table(str(method))
+    lines = table.splitlines()
+    assert "BYOL (demo preset): shown in 1 of 1 dev runs" in lines
+    assert "BYOL (demo preset): shown in 1 of 3 test runs" in lines  # run 3 is not counted with the test runs
+    assert "Not counted: run 11 (verdict needs 5 probe seeds)." in lines and "Not counted: run 12 (verdict needs a control)." in lines
+    assert "| 8 | test | 2 'class2' | - | 60 (40-70) | 10 (10-30) | 20 (run 9) | 60 | 4 of 5 | shown |" in lines
+    assert "| 11 | test | 2 'class2' | - | 60 (60-60) | 10 (10-10) | 20 (run 9) | 60 | 4 of 4 | verdict needs 5 probe seeds |" in lines
+    assert "| 3 | dev | 2 'class2' | - | 60 (40-70) | 10 (10-30) | 5 (run 9) | 60 | 4 of 5 | shown |" in lines
+    ours = [ln for ln in lines if ln.startswith("| byol | ours |")]
+    assert [ln.split(" | ")[8] for ln in ours] == ["1 of 1", "1 of 3 (+2 without a verdict)"]  # dev, then test
+    rule = "a run is shown only if it is shown at 4 or more of 5 probe seeds{} and its control stays below it"
+    assert tables.RULE in lines and rule.format(" (0-4)") in tables.RULE  # the footnote, and the docstring:
+    assert rule.format("") in " ".join(tables.__doc__.split())
+
+
+def machine_log(seconds, cpu=None):
+    first = {"start_epoch": 0, "args": {"image_size": 32}}
+    if cpu:
+        first["machine"] = {"cpu": cpu, "cores": 7, "threads": 1, "gpu": None, "torch": "2.3.0", "python": "3.11.2"}
+    return json.dumps(first) + "\n" + json.dumps({"epoch": 1, "seconds": seconds, "images_per_s": 100.0}) + "\n"
+
+
+def test_tables_name_the_machines_of_their_runs_and_the_load(tmp_path):
+    """The machine footer comes from the runs' log.jsonl ("unknown" without a machine record), not from the machine
+    that runs tables.py; the time column states how many models were trained at once (the done file's jobs=<n>)."""
+    method = tmp_path / "main" / "byol"
+    write(method / "clean", "log.jsonl", machine_log(120.0, "Xeon A"))
+    write(method / "clean", "done", "jobs=2\n")
+    for r, cpu in enumerate(("Xeon A", "Xeon A", None)):
+        run = method / f"run{r}"
+        os.makedirs(run / "clean")
+        os.symlink(method / "clean" / "log.jsonl", run / "clean" / "log.jsonl")
+        write(run / "clean" / "probe", "metrics.json", metrics(60.0, 5, 50.0, 10, method="byol"))
+        write(run / "poisoned" / "probe", "metrics.json", metrics(62.0, 6, 40.0, 60, method="byol"))
+        write(run / "poisoned", "log.jsonl", machine_log(60.0 * (r + 1), cpu))
+        write(run / "poisoned", "done", "jobs=2\n" if r < 2 else "")  # run 2: a done file that names no load
+    footer = "Machines (trainers' log.jsonl): Xeon A, 7 cores, 1 thread per model, no GPU, torch 2.3.0, Python 3.11.2: 3 runs; unknown: 1 run."
+    table = tables.runs_table(str(method))
+    assert table.splitlines()[-1] == footer  # run 2's backdoored model has no record, its clean model has
+    assert "| 1 | 32 | 2.0 min (2 at once), 3.0 min, 1.5 min (2 at once) |" in table  # clean; run 2; runs 0 and 1
+    main = tables.main_table(str(tmp_path / "main"))
+    assert footer in main and f"{os.cpu_count()} cores" not in main  # not the machine that runs tables.py
+    pair = tables.pair(str(method / "run0"))
+    assert pair.splitlines()[-1] == footer.replace("3 runs; unknown: 1 run.", "1 run.")
+    assert "| backdoored model | 62.0 | 6 | 40.0 | 60 | 17.1 | 1 | 1.0 min (2 at once) | 100 |" in pair
+    assert tables.glance_table(str(tmp_path)).endswith(footer)
+
+
+def test_quickstart_refuses_bad_settings_in_one_line_before_any_work(tmp_path):
+    script = os.path.join(ROOT, "scripts", "quickstart.sh")
+    for bad in ({"RUNS": "abc"}, {"RUNS": "0"}, {"RUNS": "-3"}, {"RUNS": "2", "FIRST": "x"}, {"RUNS": "2", "FIRST": "-1"},
+                {"JOBS": "0"}, {"JOBS": "two"}, {"DATA_ROOT": str(tmp_path / "no such folder")}):
+        out = tmp_path / "out"
+        got = subprocess.run(["bash", script, "byol", str(out)], cwd=ROOT, env={**os.environ, **bad},
+                             capture_output=True, text=True, timeout=60)
+        assert got.returncode == 2 and got.stdout == "" and got.stderr.count("\n") == 1, (bad, got.stderr)
+        assert got.stderr.startswith("quickstart.sh: " + next(iter(bad if len(bad) == 1 else {"FIRST": 0})))
+        assert not out.exists()
+    # a DATA_ROOT with a space reaches poison.py as one argument (the wrapper stops there: nothing is trained)
+    root = tmp_path / "my photos"
+    os.makedirs(root)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nif [ "$1" = poison.py ]; then printf "%s\\n" "$@" > {tmp_path}/args; exit 3; fi\n'
+                       'exec python3 "$@"\n')
+    wrapper.chmod(0o755)
+    got = subprocess.run(["bash", script, "byol", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "DATA_ROOT": str(root), "PYTHON": str(wrapper), "JOBS": "1"}, timeout=60)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert got.returncode == 3 and args[args.index("--data-root") + 1] == str(root)
