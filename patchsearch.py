@@ -401,8 +401,11 @@ def save_grid(x, rows, cols, w, mean, std, path, per_row=10):
 
 
 # shared: file lists (same in every script)
+MAX_PIXELS = 64 * 2**20  # larger images are refused before decoding (docs/formats.md)
+
+
 class InputError(Exception):
-    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+    """Bad input (a flag, a list line, an image, a checkpoint); printed as one line naming the flag or the file."""
 
 
 def error_line(e):
@@ -445,9 +448,9 @@ def read_list(path):
 
 
 class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
-    any number of workers and exactly repeated after --resume. load() checks every image once and may hold them all in
-    memory; then a transform with a batch() method makes a whole batch at once, from per-item uniforms."""
+    """Item (epoch, i) -> (transform(image i), label, i). The random draws come from (seed, epoch, i) alone: the same
+    for any number of workers, after --resume, and whether the images are held in memory or read from disk. A transform
+    with a batch() method makes a whole batch at once from per-item uniforms; any other takes one PIL image."""
 
     def __init__(self, samples, transform, seed=0):
         self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
@@ -459,42 +462,47 @@ class FileList(torch.utils.data.Dataset):
         return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
 
     def load(self, cache="auto", budget_mib=2048):
-        """Start-up pass: open every image's header (a file that is not an image fails here, naming its list line).
-        Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once and hold all of them as
-        uint8 (N, H, W, 3), padded to the largest. Returns what was done, as one line."""
-        sizes = []
+        """Start-up pass: read every image's header (a file that is not an image, or has more than MAX_PIXELS, fails
+        here, naming its list line). Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once
+        and hold it in memory (only the speed changes). Returns what was done, as one line."""
+        pixels = 0
         for i, (path, _) in enumerate(self.samples):
             try:
                 with Image.open(path) as image:
-                    sizes.append(image.size)
-            except OSError as e:
+                    w, h = image.size
+            except (OSError, Image.DecompressionBombError) as e:
                 raise InputError(f"{self.where(i)}: not an image: {path} ({e})") from None
-        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        mib = len(sizes) * h * w * 3 / 2**20
+            if w * h > MAX_PIXELS:
+                raise InputError(f"{self.where(i)}: {path} is {w}x{h} pixels, more than the {MAX_PIXELS} allowed")
+            pixels += w * h
+        mib = pixels * 3 / 2**20
         if cache == "off" or (cache == "auto" and mib > budget_mib):
-            return f"images decoded from disk for every view (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
-        images = torch.zeros(len(sizes), h, w, 3, dtype=torch.uint8)
-        for i, (wi, hi) in enumerate(sizes):
-            images[i, :hi, :wi] = torch.from_numpy(np.array(self.image(i)))
-        self.images, self.hw = images, torch.tensor([(s[1], s[0]) for s in sizes])
+            return f"images decoded from disk for every batch (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+        self.images = [self.decode(i) for i in range(len(self))]
         return f"images decoded once, held in memory (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
 
-    def image(self, i):
+    def decode(self, i):
+        """Image i as a uint8 tensor (H, W, 3): from memory, or decoded by torchvision (other formats by PIL)."""
         if self.images is not None:
-            h, w = self.hw[i].tolist()
-            return Image.fromarray(self.images[i, :h, :w].numpy())
+            return self.images[i]
+        path = self.samples[i][0]
         try:
-            with open(self.samples[i][0], "rb") as f:
-                return Image.open(f).convert("RGB")
-        except OSError as e:
-            raise InputError(f"{self.where(i)}: cannot read image {self.samples[i][0]} ({e})") from None
+            data = torchvision.io.read_file(path)
+            return torchvision.io.decode_image(data, torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
+        except RuntimeError:  # not a JPEG, PNG, GIF or WebP: PIL, which also names a damaged file
+            pass
+        try:
+            with Image.open(path) as image:
+                return torch.from_numpy(np.array(image.convert("RGB")))
+        except (OSError, Image.DecompressionBombError) as e:
+            raise InputError(f"{self.where(i)}: cannot read image {path} ({e})") from None
 
     def item_seed(self, epoch, i):
         return ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        image = self.image(i)
+        image = Image.fromarray(self.decode(i).numpy())
         with torch.random.fork_rng(devices=[]):
             state = random.getstate()
             torch.manual_seed(self.item_seed(epoch, i))
@@ -504,14 +512,13 @@ class FileList(torch.utils.data.Dataset):
         return x, self.samples[i][1], i
 
     def __getitems__(self, keys):
-        """A batch (the DataLoader calls this): in memory and with transform.batch(), all items in a few tensor ops."""
-        if self.images is None or not hasattr(self.transform, "batch"):
+        """A batch (the DataLoader calls this): with transform.batch(), all items in a few tensor ops."""
+        if not hasattr(self.transform, "batch"):
             return [self[key] for key in keys]
         keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
         u = torch.stack([torch.rand(self.transform.uniforms, generator=torch.Generator().manual_seed(self.item_seed(*k)))
                          for k in keys])  # per item, as torch.manual_seed(item_seed); torch.rand(uniforms)
-        idx = torch.tensor([i for _, i in keys])
-        views = self.transform.batch(self.images[idx], self.hw[idx], u)
+        views = self.transform.batch([self.decode(i) for _, i in keys], u)
         return [(x, self.samples[i][1], i) for x, (_, i) in zip(views, keys)]
 # end shared
 
@@ -545,12 +552,6 @@ def build_backbone(arch, arch_kwargs):
 CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
 
 
-def save_checkpoint(path, checkpoint):
-    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def load_checkpoint(path):
     """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
@@ -570,14 +571,18 @@ def file_kind(path, error):
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        kind = "a zip" if head[:1] == b"P" else "a pickle"
+        if "GLOBAL " in str(error):  # weights_only's refusal names the class it would have had to import
+            return f"{kind} file holding a pickled {str(error).split('GLOBAL ', 1)[1].split()[0]}, which is not loaded"
         detail = (str(error).strip().splitlines() or [""])[0][:160]
-        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
-                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+        return f"{kind} file that torch.load(weights_only=True) cannot read (damaged?): {type(error).__name__}: {detail}"
     text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
     looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
     return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
+# end shared
 
 
+# shared: encoder loader (same in badencoder.py, compress_defense.py, linear_probe.py, patchsearch.py)
 def load_encoder(path):
     """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
     checkpoint = load_checkpoint(path)

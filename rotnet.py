@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -30,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
+                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
     return p.parse_args(argv)
@@ -96,10 +100,8 @@ def main(argv=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if ckpt["method"] != "rotnet" or "train_state" not in ckpt:
-            raise InputError(f"{args.resume}: not a rotnet.py checkpoint with training state (method {ckpt['method']})")
-        model.load_state_dict(ckpt["train_state"]["model"])
+        ckpt = resume_checkpoint(args, "rotnet")
+        load_state(model, ckpt["train_state"]["model"], args)
         optimizer.load_state_dict(ckpt["train_state"]["optimizer"])
         set_rng_state(ckpt["train_state"]["rng"], args, rank, world, ckpt["epoch"])
         start = ckpt["epoch"]
@@ -108,8 +110,10 @@ def main(argv=None):
     data = FileList(samples, augment, args.seed)
     cache = data.load(args.cache_images, args.cache_mib)  # checks every image; may decode them once
     loader, sampler = make_loader(data, args, rank, world, device)
-    log(args, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples), "cache": cache,
-               "steps_per_epoch": len(loader), "args": vars(args)}, rank)
+    log(args, rank, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples), "cache": cache,
+                     "steps_per_epoch": len(loader), "args": vars(args),
+                     "machine": machine(device)}, new=not args.resume)
+    records = []  # logged once a checkpoint holds their epochs
     if rank == 0:
         print(f"rotnet.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
               f"{4 * args.batch_size // world} rotated samples per process and step")
@@ -142,7 +146,7 @@ def main(argv=None):
                   "pretext_acc": 100.0 * correct.item() / (4 * len(loader) * args.batch_size // world)}  # this process
         if not math.isfinite(record["loss"]):
             sys.exit(f"rotnet.py: error: loss is {record['loss']} in epoch {epoch}; lower --lr")
-        log(args, record, rank)
+        records.append(record)
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  pretext acc {record['pretext_acc']:.1f}%  "
                   f"lr {lr:.4g}  {record['images_per_s']:.0f} img/s  {seconds:.1f}s", flush=True)
@@ -153,25 +157,23 @@ def main(argv=None):
                 "feature_dim": model.fc.in_features, "image_size": args.image_size, "mean": MEAN, "std": STD,
                 "encoder": model.backbone.state_dict(), "epoch": epoch + 1, "args": vars(args),
                 "train_state": {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng}})
+        if rng is not None:
+            log(args, rank, *records)
+            records = []
     if world > 1:
         dist.destroy_process_group()
 
 
 # shared: batched crops (same in moco.py, byol.py, msf.py, rotnet.py, mae.py, compress_defense.py)
 class ResizedCrop:
-    """RandomResizedCrop + RandomHorizontalFlip + PILToTensor: a uint8 view. On a PIL image, torchvision's own ops;
-    batch() makes the same views for a batch of in-memory images from 23 uniforms each: torchvision's box sampling
-    (10 tries, then the centre crop) and PIL's resampling filter (antialiased when shrinking) as two matrix products
-    per view, in float (PIL rounds to uint8 between its two passes: pixels differ by at most a few levels)."""
+    """RandomResizedCrop + RandomHorizontalFlip on a batch of uint8 images of any sizes, from 23 uniforms per view:
+    torchvision's box sampling (10 tries, then the centre crop) and PIL's resampling filter (antialiased when
+    shrinking) as two matrix products per view, in float (PIL rounds to uint8 between its two passes: pixels differ by
+    at most a few levels)."""
     uniforms = 23  # per view: 10 tries x (area, log aspect ratio), top, left, flip
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), bicubic=False):
         self.size, self.scale, self.ratio, self.bicubic = size, scale, ratio, bicubic
-        mode = T.InterpolationMode.BICUBIC if bicubic else T.InterpolationMode.BILINEAR
-        self.pil = T.Compose([T.RandomResizedCrop(size, scale, ratio, mode), T.RandomHorizontalFlip(), T.PILToTensor()])
-
-    def __call__(self, image):
-        return self.pil(image)
 
     def boxes(self, hw, u):
         """RandomResizedCrop.get_params per view: hw (B, 2) image sizes -> (top, left, height, width), each (B,)."""
@@ -204,12 +206,16 @@ class ResizedCrop:
         w = w * ((x >= start[:, None, None]) & (x < (start + length)[:, None, None]))
         return (w / w.sum(2, keepdim=True)).float()
 
-    def batch(self, images, hw, u):
-        """images: (B, H, W, 3) uint8 (padded; hw: each one's size), u: (B, 23) uniforms -> (B, 3, size, size) uint8."""
+    def batch(self, images, u):
+        """images: B uint8 tensors (H, W, 3) of any sizes; u: (B, 23) uniforms -> (B, 3, size, size) uint8 views."""
+        hw = torch.tensor([x.shape[:2] for x in images])
+        padded = torch.zeros(len(images), 3, *hw.amax(0).tolist())  # the filter weights never reach the padding
+        for b, x in enumerate(images):
+            padded[b, :, : x.shape[0], : x.shape[1]] = x.permute(2, 0, 1)
         top, left, h, w = self.boxes(hw, u)
-        wy, wx = self.weights(top, h, images.shape[1]), self.weights(left, w, images.shape[2])
+        wy, wx = self.weights(top, h, padded.shape[2]), self.weights(left, w, padded.shape[3])
         wx = torch.where(u[:, 22, None, None] < 0.5, wx.flip(1), wx)  # the flip, as torchvision: p 0.5
-        x = wy[:, None] @ images.permute(0, 3, 1, 2).float() @ wx.transpose(1, 2)[:, None]
+        x = wy[:, None] @ padded @ wx.transpose(1, 2)[:, None]
         return x.round_().clamp_(0, 255).to(torch.uint8)
 # end shared
 
@@ -221,14 +227,17 @@ def to_device(x, device, memory_format, mean, std, augment=None, params=None):
     x = x.to(device, non_blocking=True).float().div_(255)
     if augment is not None:
         x = augment(x, params)  # params stay on the host: the ops read from them which views to touch
-    x = (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+    x = TF.normalize(x, mean, std)
     return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 # end shared
 
 
 # shared: file lists (same in every script)
+MAX_PIXELS = 64 * 2**20  # larger images are refused before decoding (docs/formats.md)
+
+
 class InputError(Exception):
-    """Bad input (a list line, an image, a checkpoint); printed as one line naming the file."""
+    """Bad input (a flag, a list line, an image, a checkpoint); printed as one line naming the flag or the file."""
 
 
 def error_line(e):
@@ -271,9 +280,9 @@ def read_list(path):
 
 
 class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i). Augmentations are seeded by (seed, epoch, i): the same for
-    any number of workers and exactly repeated after --resume. load() checks every image once and may hold them all in
-    memory; then a transform with a batch() method makes a whole batch at once, from per-item uniforms."""
+    """Item (epoch, i) -> (transform(image i), label, i). The random draws come from (seed, epoch, i) alone: the same
+    for any number of workers, after --resume, and whether the images are held in memory or read from disk. A transform
+    with a batch() method makes a whole batch at once from per-item uniforms; any other takes one PIL image."""
 
     def __init__(self, samples, transform, seed=0):
         self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
@@ -285,42 +294,47 @@ class FileList(torch.utils.data.Dataset):
         return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
 
     def load(self, cache="auto", budget_mib=2048):
-        """Start-up pass: open every image's header (a file that is not an image fails here, naming its list line).
-        Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once and hold all of them as
-        uint8 (N, H, W, 3), padded to the largest. Returns what was done, as one line."""
-        sizes = []
+        """Start-up pass: read every image's header (a file that is not an image, or has more than MAX_PIXELS, fails
+        here, naming its list line). Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once
+        and hold it in memory (only the speed changes). Returns what was done, as one line."""
+        pixels = 0
         for i, (path, _) in enumerate(self.samples):
             try:
                 with Image.open(path) as image:
-                    sizes.append(image.size)
-            except OSError as e:
+                    w, h = image.size
+            except (OSError, Image.DecompressionBombError) as e:
                 raise InputError(f"{self.where(i)}: not an image: {path} ({e})") from None
-        w, h = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        mib = len(sizes) * h * w * 3 / 2**20
+            if w * h > MAX_PIXELS:
+                raise InputError(f"{self.where(i)}: {path} is {w}x{h} pixels, more than the {MAX_PIXELS} allowed")
+            pixels += w * h
+        mib = pixels * 3 / 2**20
         if cache == "off" or (cache == "auto" and mib > budget_mib):
-            return f"images decoded from disk for every view (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
-        images = torch.zeros(len(sizes), h, w, 3, dtype=torch.uint8)
-        for i, (wi, hi) in enumerate(sizes):
-            images[i, :hi, :wi] = torch.from_numpy(np.array(self.image(i)))
-        self.images, self.hw = images, torch.tensor([(s[1], s[0]) for s in sizes])
+            return f"images decoded from disk for every batch (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
+        self.images = [self.decode(i) for i in range(len(self))]
         return f"images decoded once, held in memory (--cache-images {cache}: {mib:.1f} MiB, budget {budget_mib})"
 
-    def image(self, i):
+    def decode(self, i):
+        """Image i as a uint8 tensor (H, W, 3): from memory, or decoded by torchvision (other formats by PIL)."""
         if self.images is not None:
-            h, w = self.hw[i].tolist()
-            return Image.fromarray(self.images[i, :h, :w].numpy())
+            return self.images[i]
+        path = self.samples[i][0]
         try:
-            with open(self.samples[i][0], "rb") as f:
-                return Image.open(f).convert("RGB")
-        except OSError as e:
-            raise InputError(f"{self.where(i)}: cannot read image {self.samples[i][0]} ({e})") from None
+            data = torchvision.io.read_file(path)
+            return torchvision.io.decode_image(data, torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
+        except RuntimeError:  # not a JPEG, PNG, GIF or WebP: PIL, which also names a damaged file
+            pass
+        try:
+            with Image.open(path) as image:
+                return torch.from_numpy(np.array(image.convert("RGB")))
+        except (OSError, Image.DecompressionBombError) as e:
+            raise InputError(f"{self.where(i)}: cannot read image {path} ({e})") from None
 
     def item_seed(self, epoch, i):
         return ((self.seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**63
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        image = self.image(i)
+        image = Image.fromarray(self.decode(i).numpy())
         with torch.random.fork_rng(devices=[]):
             state = random.getstate()
             torch.manual_seed(self.item_seed(epoch, i))
@@ -330,14 +344,13 @@ class FileList(torch.utils.data.Dataset):
         return x, self.samples[i][1], i
 
     def __getitems__(self, keys):
-        """A batch (the DataLoader calls this): in memory and with transform.batch(), all items in a few tensor ops."""
-        if self.images is None or not hasattr(self.transform, "batch"):
+        """A batch (the DataLoader calls this): with transform.batch(), all items in a few tensor ops."""
+        if not hasattr(self.transform, "batch"):
             return [self[key] for key in keys]
         keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
         u = torch.stack([torch.rand(self.transform.uniforms, generator=torch.Generator().manual_seed(self.item_seed(*k)))
                          for k in keys])  # per item, as torch.manual_seed(item_seed); torch.rand(uniforms)
-        idx = torch.tensor([i for _, i in keys])
-        views = self.transform.batch(self.images[idx], self.hw[idx], u)
+        views = self.transform.batch([self.decode(i) for _, i in keys], u)
         return [(x, self.samples[i][1], i) for x, (_, i) in zip(views, keys)]
 # end shared
 
@@ -371,12 +384,6 @@ def build_backbone(arch, arch_kwargs):
 CHECKPOINT_KEYS = ("method", "arch", "arch_kwargs", "feature_dim", "image_size", "mean", "std", "encoder", "epoch", "args")
 
 
-def save_checkpoint(path, checkpoint):
-    """Atomic write: a temporary file beside the target, then a rename; a crash never leaves half a checkpoint."""
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def load_checkpoint(path):
     """Load with weights_only=True (no code runs) and check the contract of docs/formats.md."""
     if not os.path.isfile(path):
@@ -396,30 +403,24 @@ def file_kind(path, error):
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith((b"PK\x03\x04", b"\x80")):  # PyTorch's zip format, or a bare pickle
+        kind = "a zip" if head[:1] == b"P" else "a pickle"
+        if "GLOBAL " in str(error):  # weights_only's refusal names the class it would have had to import
+            return f"{kind} file holding a pickled {str(error).split('GLOBAL ', 1)[1].split()[0]}, which is not loaded"
         detail = (str(error).strip().splitlines() or [""])[0][:160]
-        return (f"a {'zip' if head[:1] == b'P' else 'pickle'} file that torch.load(weights_only=True) refuses "
-                f"(damaged, or it holds pickled objects): {type(error).__name__}: {detail}")
+        return f"{kind} file that torch.load(weights_only=True) cannot read (damaged?): {type(error).__name__}: {detail}"
     text = b"\0" not in head and head.decode("utf-8", "replace").count("\ufffd") <= 1
     looks = "it is empty" if not head else "it looks like text" if text else "it is some other binary file"
     return f"not a PyTorch checkpoint (a zip or pickle file); {looks}"
-
-
-def load_encoder(path):
-    """The frozen backbone of a checkpoint, rebuilt with torchvision and loaded strictly -> (model, checkpoint)."""
-    checkpoint = load_checkpoint(path)
-    model, _ = build_backbone(checkpoint["arch"], checkpoint["arch_kwargs"])
-    try:
-        model.load_state_dict(checkpoint["encoder"], strict=True)
-    except RuntimeError as e:
-        raise InputError(f"{path}: encoder weights do not fit {checkpoint['arch']} {checkpoint['arch_kwargs']}: "
-                         f"{' '.join(str(e).split())[:300]}") from None
-    return model.requires_grad_(False).eval(), checkpoint
 # end shared
 
 
-# shared: training utilities (same in every script)
-def setup(args):
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU, Gloo on CPU. Returns (rank, world, device)."""
+# shared: training utilities (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
+def setup(args, positive=(), nonnegative=(), fraction=()):
+    """Checks the numbers and --out, then the processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU,
+    Gloo on CPU. Returns (rank, world, device)."""
+    check_numbers(args, ("epochs", "batch_size", "lr", "image_size", "save_every", "log_every", *positive),
+                  ("weight_decay", "workers", "cache_mib", *nonnegative), fraction)
+    check_out(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
@@ -436,6 +437,83 @@ def setup(args):
     if args.batch_size % world:
         raise InputError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     return rank, world, device  # --out is made by the first log(), once every input has been checked
+
+
+def check_numbers(args, positive, nonnegative, fraction):
+    """A number out of its range stops the run in one line naming the flag, before any data is read."""
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (nonnegative, lambda v: v >= 0, ">= 0"),
+                            (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            v = getattr(args, name, None)
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                raise InputError(f"--{name.replace('_', '-')} {v}: must be {want}")
+
+
+def check_out(args):
+    """--out must be a folder (or not exist) that this process can write, and must not hold another run's
+    checkpoint.pt unless --resume continues it or --overwrite replaces it."""
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out}: exists and is not a folder")
+    continues = args.resume and os.path.isfile(args.resume) and os.path.isfile(ckpt) and os.path.samefile(args.resume, ckpt)
+    if os.path.isfile(ckpt) and not continues and not args.overwrite:
+        raise InputError(f"--out {args.out}: holds a run (checkpoint.pt); continue it with --resume {ckpt}, "
+                         "or replace it with --overwrite")
+    folder = os.path.abspath(args.out)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"--out {args.out}: {folder} is not writable")
+
+
+def resume_checkpoint(args, method):
+    """The --resume checkpoint, checked against this command: the method, the training state, the flags (a change is
+    listed and refused unless --resume-changed; the model's shape can never change) and the epochs left to run."""
+    ckpt = load_checkpoint(args.resume)
+    if ckpt["method"] != method or "train_state" not in ckpt:
+        raise InputError(f"{args.resume}: not a {method} checkpoint with training state (its method: {ckpt['method']})")
+    free = {"out", "resume", "epochs", "workers", "cache_images", "cache_mib", "device", "save_every", "log_every",
+            "overwrite", "resume_changed"}
+    changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {v}" for k, v in vars(args).items()
+               if k not in free and k in ckpt["args"] and ckpt["args"][k] != v]
+    if changed and not args.resume_changed:
+        raise InputError(f"--resume {args.resume}: the command differs from the checkpoint's: {'; '.join(changed)} "
+                         "(--resume-changed continues with the new values)")
+    if ckpt["epoch"] >= args.epochs:
+        raise InputError(f"--resume {args.resume}: the checkpoint is at epoch {ckpt['epoch']} of --epochs "
+                         f"{args.epochs}: nothing to do")
+    return ckpt
+
+
+def load_state(module, state, args):
+    """module.load_state_dict(state) of a --resume checkpoint; a model of another shape is one line, not a traceback."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"--resume {args.resume}: the checkpoint's model does not fit this command's (--arch, "
+                         f"--small-stem and the sizes must match): {' '.join(str(e).split())[:200]}") from None
+
+
+def save_checkpoint(path, checkpoint):
+    """Atomic write: a temporary file beside the target, then a rename; a crash or a full disk never leaves half a
+    checkpoint, nor a temporary file."""
+    try:
+        torch.save(checkpoint, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+
+
+def machine(device):
+    """What runs this process, for log.jsonl: CPU model, cores, threads, GPU, torch and Python versions."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version()}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -464,16 +542,6 @@ def make_loader(dataset, args, rank, world, device):
     return loader, sampler
 
 
-@torch.no_grad()
-def gather(x):
-    """Concatenate a tensor from every process (no gradient flows through)."""
-    if not dist.is_initialized():
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
 def rng_state():
     """Every process's random state (torch, this process's GPU, python), gathered into a list indexed by rank."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -494,7 +562,7 @@ def set_rng_state(states, args, rank, world, epoch):
         seed = (args.seed * 1_000_003 + epoch) * 1_009 + rank
         torch.manual_seed(seed)
         random.seed(seed)
-        log(args, {"rng_reseeded": msg}, rank)
+        log(args, rank, {"rng_reseeded": msg})
         if rank == 0:
             print(f"note: {msg}", flush=True)
         return
@@ -504,11 +572,12 @@ def set_rng_state(states, args, rank, world, epoch):
     random.setstate(states[rank]["python"])
 
 
-def log(args, record, rank):
+def log(args, rank, *records, new=False):
+    """Append JSON records to --out/log.jsonl (new: start it afresh). Epochs are logged once a checkpoint holds them."""
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(os.path.join(args.out, "log.jsonl"), "w" if new else "a") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
 # end shared
 
 
@@ -517,3 +586,5 @@ if __name__ == "__main__":
         main()
     except InputError as e:
         sys.exit(f"rotnet.py: error: {error_line(e)}")
+    except OSError as e:  # a full disk, a read-only folder
+        sys.exit(f"rotnet.py: error: {e.filename or ''}: {e.strerror or e}")

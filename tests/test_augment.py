@@ -63,13 +63,13 @@ def test_each_view_has_its_own_order():
     assert (got[0] - got[1]).abs().max() > 1e-2
     assert (got - reference(x[[3, 3]], p)).abs().max() < 1e-5
     torch.manual_seed(0)
-    orders = {tuple(moco.Photometric().draw()[5:9].int().tolist()) for _ in range(200)}
+    orders = {tuple(p[5:9].int().tolist()) for p in moco.Photometric().params(torch.rand(200, 12))}
     assert len(orders) > 12  # of the 24 orders
 
 
 def test_draws_follow_the_recipe():
     torch.manual_seed(0)
-    p = torch.stack([moco.Photometric(p_gray=0.2, sigma=(0.1, 2.0)).draw() for _ in range(4000)])
+    p = moco.Photometric(p_gray=0.2, sigma=(0.1, 2.0)).params(torch.rand(4000, 12))
     assert abs(p[:, 0].mean() - 0.8) < 0.03 and abs(p[:, 9].mean() - 0.2) < 0.03 and abs((p[:, 10] > 0).float().mean() - 0.5) < 0.03
     assert p[:, 1:4].min() >= 0.6 and p[:, 1:4].max() <= 1.4 and p[:, 4].abs().max() <= 0.1
     assert p[p[:, 10] > 0, 10].min() >= 0.1 and p[:, 10].max() <= 2.0
@@ -117,5 +117,5 @@ def test_host_half_is_the_same_for_0_and_2_workers(tmp_path, script):
 def test_shadow_reference_views_have_no_blur():
     color = badencoder.ShadowViews(16, [], [], "random", (0.1, 0.9), 1.0).color
     torch.manual_seed(0)
-    p = torch.stack([color.draw() for _ in range(100)])
+    p = color.params(torch.rand(100, color.uniforms))
     assert color.k == 1 and (p[:, 10] == 0).all() and 0 < p[:, 9].sum() < 100

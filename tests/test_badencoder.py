@@ -176,7 +176,7 @@ def test_bad_inputs(demo, random_ckpt, tmp_path):
     argv = attack_args(demo, random_ckpt, tmp_path / "o", refs)
     with pytest.raises(badencoder.InputError, match="reference.txt: 1 reference image\\(s\\), 2 --trigger"):
         badencoder.main([*argv, "--trigger", "white", "--trigger", "white"])
-    with pytest.raises(badencoder.InputError, match="random.pt: not a badencoder.py checkpoint"):
+    with pytest.raises(badencoder.InputError, match="random.pt: not a badencoder checkpoint"):
         badencoder.main([*argv, "--resume", str(random_ckpt)])
 
 

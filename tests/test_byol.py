@@ -104,7 +104,7 @@ def test_torchrun_two_processes(demo, tmp_path):
 def test_bad_inputs(demo, tmp_path, random_ckpt):
     assert_missing_image_refused("byol.py", demo, tmp_path, *TINY)
     line = error_of(train(demo, tmp_path / "m", "--resume", random_ckpt, check=False))
-    assert "random.pt: not a byol.py checkpoint with training state (method random)" in line
+    assert "random.pt: not a byol checkpoint with training state (its method: random)" in line
 
 
 def test_bn_batch_emulates_the_reference_per_gpu_batch():

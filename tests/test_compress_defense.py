@@ -185,4 +185,4 @@ def test_bad_inputs(demo, random_ckpt, tmp_path):
     line = error_of(distill(tmp_path / "c", random_ckpt, lst, "--bank-size", "4", check=False))
     assert "--bank-size 4 is smaller than the global batch size 8" in line
     line = error_of(distill(tmp_path / "c", random_ckpt, lst, "--resume", random_ckpt, check=False))
-    assert "not a compress_defense.py checkpoint" in line
+    assert "not a compress checkpoint" in line

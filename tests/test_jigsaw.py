@@ -164,7 +164,7 @@ def test_torchrun_two_processes(demo, tmp_path):
 def test_bad_inputs(demo, tmp_path, random_ckpt):
     assert_missing_image_refused("jigsaw.py", demo, tmp_path, *TINY)
     args = ["--train-list", str(demo / "train_poisoned.txt"), "--out", str(tmp_path / "j")]
-    with pytest.raises(jigsaw.InputError, match="random.pt: not a jigsaw.py checkpoint"):
+    with pytest.raises(jigsaw.InputError, match="random.pt: not a jigsaw checkpoint"):
         jigsaw.main([*args, "--resume", str(random_ckpt)])
     with pytest.raises(jigsaw.InputError, match="--num-perms 0"):
         jigsaw.main([*args, "--num-perms", "0"])

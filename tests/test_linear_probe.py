@@ -119,10 +119,10 @@ def test_bad_inputs(demo, random_ckpt, tmp_path):
     assert line.endswith("junk.pt: not a PyTorch checkpoint (a zip or pickle file); it looks like text")
     (tmp_path / "cut.pt").write_bytes(open(random_ckpt, "rb").read()[:4000])  # a download cut short
     line = error_of(probe(demo, tmp_path / "cut.pt", tmp_path / "o", check=False))
-    assert "cut.pt: a zip file that torch.load(weights_only=True) refuses (damaged, or it holds pickled" in line
+    assert "cut.pt: a zip file that torch.load(weights_only=True) cannot read (damaged?)" in line
     torch.save(argparse.Namespace(lr=0.1), tmp_path / "pickled.pt", _use_new_zipfile_serialization=False)
     line = error_of(probe(demo, tmp_path / "pickled.pt", tmp_path / "o", check=False))
-    assert "pickled.pt: a pickle file that torch.load(weights_only=True) refuses" in line
+    assert "pickled.pt: a pickle file holding a pickled argparse.Namespace, which is not loaded" in line
     assert "--target 7" in error_of(probe(demo, random_ckpt, tmp_path / "o", "--target", "7", check=False))
     big = write_checkpoint(tmp_path / "big.pt", image_size=32)
     assert "patched image is 16x16" in error_of(probe(demo, big, tmp_path / "o", check=False))

@@ -179,5 +179,5 @@ def test_bad_inputs(demo, tmp_path, random_ckpt):
         mae.main([*args, "--image-size", "18"])
     with pytest.raises(mae.InputError, match="must keep at least one and remove at least one of 16 patches"):
         mae.main([*args, "--mask-ratio", "0.99"])
-    with pytest.raises(mae.InputError, match=r"not a mae.py checkpoint with training state \(method random\)"):
+    with pytest.raises(mae.InputError, match=r"not a mae checkpoint with training state \(its method: random\)"):
         mae.main([*args, "--resume", str(random_ckpt)])

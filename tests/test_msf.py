@@ -182,6 +182,6 @@ def test_bad_inputs(demo, tmp_path, random_ckpt):
     line = error_of(train(demo, tmp_path / "m", "--bank-size", "20", check=False))
     assert "--bank-size 20 must be divisible by the global batch size 8" in line
     line = error_of(train(demo, tmp_path / "m", "--warmup-iters", "-1", check=False))
-    assert "--warmup-iters -1 must be 0 (no warmup) or more" in line
+    assert "--warmup-iters -1: must be >= 0" in line
     line = error_of(train(demo, tmp_path / "m", "--resume", random_ckpt, check=False))
-    assert "random.pt: not a msf.py checkpoint with training state (method random)" in line
+    assert "random.pt: not a msf checkpoint with training state (its method: random)" in line

@@ -80,5 +80,5 @@ def test_torchrun_two_processes(demo, tmp_path):
 def test_bad_inputs(demo, tmp_path, random_ckpt):
     assert_missing_image_refused("rotnet.py", demo, tmp_path, *TINY)
     args = ["--train-list", str(demo / "train_poisoned.txt"), "--out", str(tmp_path / "r")]
-    with pytest.raises(rotnet.InputError, match="random.pt: not a rotnet.py checkpoint"):
+    with pytest.raises(rotnet.InputError, match="random.pt: not a rotnet checkpoint"):
         rotnet.main([*args, "--resume", str(random_ckpt)])
