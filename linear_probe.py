@@ -86,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation and batch order")
     p.add_argument("--save-features", action="store_true", help="also write features.pt: the normalised train, val and "
                    "patched features the classifier sees, with labels and target (scripts/feature_space.py)")
+    p.add_argument("--overwrite", action="store_true", help="replace the result that --out holds (its metrics.json)")
     return p.parse_args(argv)
 
 
@@ -153,7 +154,7 @@ def native(samples, size):
             with Image.open(path) as im:  # reads the header only
                 if im.size != (size, size):
                     return False
-    except OSError:  # an unreadable image is reported by the extraction, with its name
+    except (OSError, Image.DecompressionBombError):  # reported by the header check, with its list line
         return False
     return True
 
@@ -323,6 +324,12 @@ def resolve_target(args, names):
 
 def main(argv=None):
     args = parse_args(argv)
+    positive, nonnegative = ("epochs", "batch_size", "lr", "extract_batch_size", "knn_temperature"), ("weight_decay", "knn", "workers")
+    for name in positive + nonnegative:  # a number out of its range is one line, before any data is read
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and (v > 0 or (name in nonnegative and v == 0))):
+            raise InputError(f"--{name.replace('_', '-')} {v}: must be {'>= 0' if name in nonnegative else '> 0'}")
+    check_results(args, "metrics.json")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     model, ckpt = load_encoder(args.encoder)
@@ -332,6 +339,8 @@ def main(argv=None):
     if missing:
         raise InputError(f"{args.train_list}: no labeled images of class(es) {missing[:10]}")
     resolve_protocol(args, len(train))
+    for samples in (train, val, patched):  # every image's header: not an image, or too large to decode, is one line
+        FileList(samples, None).load("off")
     if args.layer != "final" and ckpt["arch"] == "vit":
         raise InputError(f"{args.encoder}: --layer {args.layer} needs a ResNet; ViT checkpoints use the cls token (final)")
     names = class_names(val, num_classes)
@@ -377,22 +386,23 @@ def main(argv=None):
         knn = [confusion(knn_predict(train_f, train_y, f, args.knn, args.knn_temperature, num_classes), y, num_classes)
                for f, y in ((val_f, val_y), (pat_f, pat_y))]
         result.update({f"knn_{k}": v for k, v in metrics(*knn, target).items()})
-    np.save(os.path.join(args.out, "confusion_clean.npy"), cm_clean)
-    np.save(os.path.join(args.out, "confusion_patched.npy"), cm_patched)
-    with open(os.path.join(args.out, "per_class.csv"), "w") as f:
-        f.write("class,name,tp_clean,fp_clean,tp_patched,fp_patched\n")
-        for c in range(num_classes):
-            r = metrics(cm_clean, cm_patched, c)
-            f.write(f"{c},{names[c].replace(',', ';')},{r['tp_clean']},{r['fp_clean']},{r['tp_patched']},{r['fp_patched']}\n")
-    torch.save({"head": head.state_dict(), "classifier": args.classifier, "layer": args.layer, "num_classes": num_classes,
-                "class_names": names, "encoder": os.path.abspath(args.encoder)}, os.path.join(args.out, "classifier.pt"))
+    out = lambda name: os.path.join(args.out, name)  # noqa: E731
+    write_atomic(out("confusion_clean.npy"), lambda f: np.save(f, cm_clean))
+    write_atomic(out("confusion_patched.npy"), lambda f: np.save(f, cm_patched))
+    rows = [f"{c},{names[c].replace(',', ';')},{r['tp_clean']},{r['fp_clean']},{r['tp_patched']},{r['fp_patched']}\n"
+            for c, r in ((c, metrics(cm_clean, cm_patched, c)) for c in range(num_classes))]
+    csv = "class,name,tp_clean,fp_clean,tp_patched,fp_patched\n" + "".join(rows)
+    write_atomic(out("per_class.csv"), lambda f: f.write(csv.encode()))
+    write_atomic(out("classifier.pt"), lambda f: torch.save({
+        "head": head.state_dict(), "classifier": args.classifier, "layer": args.layer, "num_classes": num_classes,
+        "class_names": names, "encoder": os.path.abspath(args.encoder)}, f))
     if args.save_features:
         with torch.no_grad():
-            torch.save({"train": head.normalise(train_f).cpu(), "train_y": train_y.cpu(), "val": head.normalise(val_f).cpu(),
-                        "val_y": val_y.cpu(), "patched": head.normalise(pat_f).cpu(), "patched_y": pat_y.cpu(),
-                        "target": target, "class_names": names}, os.path.join(args.out, "features.pt"))
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+            feats = {"train": head.normalise(train_f).cpu(), "train_y": train_y.cpu(), "val": head.normalise(val_f).cpu(),
+                     "val_y": val_y.cpu(), "patched": head.normalise(pat_f).cpu(), "patched_y": pat_y.cpu(),
+                     "target": target, "class_names": names}
+        write_atomic(out("features.pt"), lambda f: torch.save(feats, f))
+    write_atomic(out("metrics.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))  # last: marks it done
     print(f"linear_probe.py: {ckpt['method']} {ckpt['arch']} epoch {ckpt['epoch']}, protocol {args.protocol}: {args.classifier} "
           f"on {args.layer} features, {len(train)} labeled images, target {target} '{names[target]}'\n"
           f"  clean val   : Acc {m['acc_clean']:6.2f}  target TP {m['tp_clean']:4d}  FP {m['fp_clean']:4d}\n"
@@ -597,8 +607,35 @@ def load_encoder(path):
 # end shared
 
 
+# shared: result files (same in linear_probe.py, patchsearch.py)
+def check_results(args, last):
+    """--out must not hold a finished result (its `last` file, written last) unless --overwrite, which removes that
+    file first: a failed rerun then leaves no stale result that looks finished."""
+    done = os.path.join(args.out, last)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out}: exists and is not a folder")
+    if os.path.exists(done) and not args.overwrite:
+        raise InputError(f"--out {args.out}: holds a finished result ({last}); replace it with --overwrite")
+    if os.path.exists(done):
+        os.remove(done)
+
+
+def write_atomic(path, write):
+    """write(file object) into a temporary file beside path, then a rename: never half a file, nor a stray .tmp."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+# end shared
+
+
 if __name__ == "__main__":
     try:
         main()
     except InputError as e:
         sys.exit(f"linear_probe.py: error: {error_line(e)}")
+    except OSError as e:  # a full disk, a read-only folder
+        sys.exit(f"linear_probe.py: error: {e.filename or ''}: {e.strerror or e}")

@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for the encoder on GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of k-means, the search order, patch positions and the classifiers")
+    p.add_argument("--overwrite", action="store_true", help="replace the result that --out holds (its summary.json)")
     return p.parse_args(argv)
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -277,9 +278,11 @@ def main(argv=None):
     seed_all(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = args.amp and device.type == "cuda"
+    check_results(args, "summary.json")
     model, ckpt = load_encoder(args.encoder)
     model = model.to(device)
     samples = read_list(args.train_list)
+    FileList(samples, None).load("off")  # every image's header: not an image, or too large to decode, is one line
     n, size, mean, std = len(samples), ckpt["image_size"], ckpt["mean"], ckpt["std"]
     if args.layer not in ("auto", *STAGES):
         raise InputError(f"--layer {args.layer}: expected auto or one of {', '.join(STAGES)}")
@@ -330,23 +333,22 @@ def main(argv=None):
         flagged[ranked[0]] = True
     t_classifier = time.time() - t0
 
-    with open(os.path.join(args.out, "train_filtered.txt"), "w", encoding="utf-8") as f:
-        f.writelines(f"{os.path.relpath(p, args.out)} {y}\n" for (p, y), bad in zip(samples, flagged) if not bad)
+    kept = "".join(f"{os.path.relpath(p, args.out)} {y}\n" for (p, y), bad in zip(samples, flagged) if not bad)
+    write_atomic(os.path.join(args.out, "train_filtered.txt"), lambda f: f.write(kept.encode()))
     rank_of = torch.empty(n, dtype=torch.long)
     rank_of[ranked] = torch.arange(n)
-    with open(os.path.join(args.out, "poison_scores.csv"), "w", encoding="utf-8") as f:
-        f.write("index,rank,score,cluster,flagged,label,path\n")
-        for i in sorted(torch.nonzero(scored).flatten().tolist(), key=lambda i: rank_of[i]):
-            p, y = samples[i]
-            f.write(f"{i},{rank_of[i]},{scores[i]:.0f},{a[i]},{int(flagged[i])},{y},\"{p.replace(chr(34), chr(39))}\"\n")
+    rows = ["index,rank,score,cluster,flagged,label,path\n"]
+    for i in sorted(torch.nonzero(scored).flatten().tolist(), key=lambda i: rank_of[i]):
+        p, y = samples[i]
+        rows.append(f"{i},{rank_of[i]},{scores[i]:.0f},{a[i]},{int(flagged[i])},{y},\"{p.replace(chr(34), chr(39))}\"\n")
+    write_atomic(os.path.join(args.out, "poison_scores.csv"), lambda f: f.write("".join(rows).encode()))
     summary = {"encoder": os.path.abspath(args.encoder), "train_list": os.path.abspath(args.train_list),
                "method": ckpt["method"], "arch": ckpt["arch"], "image_size": size, "n_train": n, "clusters": k,
                "test_images": len(test_idx), "window": w, "layer": layer_name, "n_scored": int(scored.sum()),
                "n_flagged": int(flagged.sum()), "n_kept": int(n - flagged.sum()), "topk_poisons": topk,
                "search": log, "classifiers": runs, **poison_metrics(args.train_list, n, flagged, ranked),
                "seconds_search": t_search, "seconds_classifier": t_classifier, "device": str(device), "args": vars(args)}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_atomic(os.path.join(args.out, "summary.json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
     found = (f", poison recall {summary['recall']:.1f}% precision {summary['precision']:.1f}% of {summary['n_poisons']} "
              f"poisons") if "recall" in summary else ""
     print(f"patchsearch.py: flagged {summary['n_flagged']} of {n} images{found}; search {t_search:.0f}s, classifier "
@@ -596,8 +598,35 @@ def load_encoder(path):
 # end shared
 
 
+# shared: result files (same in linear_probe.py, patchsearch.py)
+def check_results(args, last):
+    """--out must not hold a finished result (its `last` file, written last) unless --overwrite, which removes that
+    file first: a failed rerun then leaves no stale result that looks finished."""
+    done = os.path.join(args.out, last)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out}: exists and is not a folder")
+    if os.path.exists(done) and not args.overwrite:
+        raise InputError(f"--out {args.out}: holds a finished result ({last}); replace it with --overwrite")
+    if os.path.exists(done):
+        os.remove(done)
+
+
+def write_atomic(path, write):
+    """write(file object) into a temporary file beside path, then a rename: never half a file, nor a stray .tmp."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+# end shared
+
+
 if __name__ == "__main__":
     try:
         main()
     except InputError as e:
         sys.exit(f"patchsearch.py: error: {error_line(e)}")
+    except OSError as e:  # a full disk, a read-only folder
+        sys.exit(f"patchsearch.py: error: {e.filename or ''}: {e.strerror or e}")

@@ -133,7 +133,7 @@ def test_bad_inputs(demo, random_ckpt, tmp_path):
     assert "broken.txt:1:" in error_of(proc)
 
 
-def test_unreadable_image_in_a_worker_is_one_line(demo, random_ckpt, tmp_path):
+def test_unreadable_image_is_one_line_before_any_worker_starts(demo, random_ckpt, tmp_path):
     lst = tmp_path / "val.txt"
     (tmp_path / "bad.png").write_bytes(b"not a png")
     lst.write_text(f"{tmp_path / 'bad.png'} 0\n" + "".join(f"{demo / p} {y}\n" for p, y in
@@ -142,7 +142,7 @@ def test_unreadable_image_in_a_worker_is_one_line(demo, random_ckpt, tmp_path):
                "--val-list", lst, "--val-patched-list", demo / "val_patched.txt", "--out", tmp_path / "o",
                "--workers", "1", check=False)
     line = error_of(proc)
-    assert "val.txt:1: cannot read image" in line and "bad.png" in line and "Traceback" not in proc.stderr
+    assert "val.txt:1: not an image" in line and "bad.png" in line and "Traceback" not in proc.stderr
 
 
 REQUIRED = ["--encoder", "e.pt", "--train-list", "t.txt", "--val-list", "v.txt", "--val-patched-list", "p.txt", "--out", "o"]
