@@ -1,13 +1,16 @@
 """moco.py: InfoNCE, queue, momentum update, shuffle BN, smoke/torchrun/resume runs, bad input."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import moco
-from conftest import assert_missing_image_refused, assert_resume_is_exact, error_of, probe, read_log, run, torchrun2
+from conftest import ROOT, assert_missing_image_refused, assert_resume_is_exact, error_of, probe, read_log, run, torchrun2
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--dim", "16"]
 
@@ -139,3 +142,27 @@ def test_query_bn_batch_is_the_reference_per_gpu_batch():
     with torch.no_grad():
         alone = model.encoder_q(x[:4])
     assert torch.allclose(alone, captured[0], atol=1e-5)  # the first 4 queries saw BN over themselves only
+
+
+def test_masked_negatives_remove_only_poisoned_keys_of_poisoned_queries():
+    """scripts/moco_masked_negatives.py: no mask is moco.info_nce; a masked negative leaves the softmax's denominator."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from moco_masked_negatives import masked_info_nce
+    torch.manual_seed(0)
+    q, k, queue = (F.normalize(torch.randn(n, 8), dim=1) for n in (3, 3, 5))
+    none = torch.zeros(3, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)
+    assert torch.allclose(masked_info_nce(q, k, queue, 0.2, *none), moco.info_nce(q, k, queue, 0.2))
+    q_poison, queue_poison = torch.tensor([True, False, False]), torch.tensor([False, True, True, False, False])
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.2
+    want = [-logits[i, 0] + torch.logsumexp(logits[i, [0, 1, 4, 5]] if i == 0 else logits[i], 0) for i in range(3)]
+    assert torch.allclose(masked_info_nce(q, k, queue, 0.2, q_poison, queue_poison), torch.stack(want).mean())
+
+
+def test_masked_negatives_diagnostic_runs_and_writes_a_moco_checkpoint(demo, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "moco_masked_negatives.py"), str(demo),
+                           str(tmp_path / "m"), *TINY, "--epochs", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "negatives masked per poisoned query" in proc.stdout
+    log = read_log(tmp_path / "m")
+    assert log[0]["poisons"] > 0 and log[-1]["epoch"] == 1 and log[-1]["masked_negatives_per_poisoned_query"] >= 0
+    assert moco.load_checkpoint(str(tmp_path / "m" / "checkpoint.pt"))["method"] == "moco"
