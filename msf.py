@@ -58,12 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over processes)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate (after the warmup; see --schedule)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="cosine: per epoch, the "
-                   "reference's; constant: --lr throughout (byol.py's demo preset)")
+                   "reference's; constant: --lr throughout (after the warmup)")
     p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warmup over the first N global iterations "
                    "(0: none, the reference's)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: the reference's, momentum 0.9; "
-                   "adam: byol.py's optimizer")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all parameters, as the reference)")
+                   "adam: Adam, with --weight-decay as L2")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (all parameters, as the reference)")
     p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
     p.add_argument("--bank-size", type=int, default=1_024_000, help="K: memory bank size, divisible by the batch size; "
@@ -71,15 +71,15 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=5, help="k: nearest neighbours of the target, the prediction's targets")
     p.add_argument("--m", type=float, default=0.99, help="target encoder momentum (at epoch 0; see --m-schedule)")
     p.add_argument("--m-schedule", default="constant", choices=["constant", "cosine"], help="constant: the "
-                   "reference's; cosine: rising from --m to 1 over the epochs, constant within one (byol.py's tau)")
+                   "reference's; cosine: rising from --m to 1 over the epochs, constant within one")
     p.add_argument("--symmetric", action="store_true", help="also the reversed pair (online: the target view; target: "
                    "the online view), the losses summed, both targets into the bank, as BYOL (not the reference's)")
     p.add_argument("--bn-batch", type=int, default=64, help="BN statistics over chunks of at most this many images per "
                    "process (the reference's per-GPU batch: 256 on 4 GPUs with DataParallel); the target batch is "
                    "shuffled before its chunks, as the reference")
     p.add_argument("--augmentation", default="weak/strong", choices=[f"{t}/{o}" for t in VIEWS for o in VIEWS],
-                   help="target/online views: weak = crop + flip, strong = MoCo v2 aug-plus, byol = byol.py's views "
-                   "(bicubic crop, grayscale p 0.1)")
+                   help="target/online views: weak = crop + flip, strong = MoCo v2 aug-plus, byol = BYOL's views "
+                   "(bicubic crop, scale 0.2-1, aug-plus colour with grayscale p 0.1)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
     p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
                    "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
@@ -127,7 +127,7 @@ def weak_aug(size):
 
 
 def byol_aug(size):
-    """byol.py's views: aug-plus with a bicubic crop and grayscale p 0.1 (not the reference's; --augmentation byol/byol)."""
+    """BYOL's views: aug-plus with a bicubic crop and grayscale p 0.1 (not the reference's; --augmentation byol/byol)."""
     s = size / 224
     return ResizedCrop(size, scale=(0.2, 1.0), bicubic=True), Photometric(p_gray=0.1, sigma=(0.1 * s, 2.0 * s))
 
