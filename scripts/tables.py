@@ -420,11 +420,21 @@ def glance_table(root):
             rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | (not run) | | | {scale} |")
             continue
         m = done[0][2]
-        rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | {sum(shown(c, b) for _, c, b, _ in done)} of "
+        rows.append(f"| {recipe_name(method, done[0][0])} | {p[7]} vs {p[3]} | {sum(shown(c, b) for _, c, b, _ in done)} of "
                     f"{len(done)} runs | {fmt([b['fp_patched'] - c['fp_patched'] for _, c, b, _ in done])} | "
                     f"{train_time([os.path.join(r, 'poisoned') for r, *_ in done])} | {scale} |")
     return "\n".join(rows) + (f"\n\nDemo: {m['num_classes']} classes, FP out of {m['n_patched_nontarget']} non-target val "
                               f"images; time per run: the backdoored model's training; {machines(every)}" if m else "")
+
+
+def recipe_name(method, run):
+    """The method's name, marked where its runs' trainer flags depart from the method's own recipe (msf.py with Adam:
+    the demo preset's BYOL recipe)."""
+    log = os.path.join(run, "poisoned", "log.jsonl")
+    args = next((r["args"] for r in map(json.loads, open(log)) if "args" in r), {}) if os.path.isfile(log) else {}
+    if method == "msf" and args.get("optimizer") == "adam":
+        return f"MSF (BYOL's recipe, k = {args.get('topk')})"
+    return METHOD_NAMES[method]
 
 
 def control(run):

@@ -499,3 +499,12 @@ def test_quickstart_refuses_bad_settings_in_one_line_before_any_work(tmp_path):
                          env={**os.environ, "DATA_ROOT": str(root), "PYTHON": str(wrapper), "JOBS": "1"}, timeout=60)
     args = (tmp_path / "args").read_text().splitlines()
     assert got.returncode == 3 and args[args.index("--data-root") + 1] == str(root)
+
+
+def test_glance_marks_msf_run_with_byols_recipe(tmp_path):
+    run = tmp_path / "run0"
+    (run / "poisoned").mkdir(parents=True)
+    (run / "poisoned" / "log.jsonl").write_text(json.dumps({"args": {"optimizer": "adam", "topk": 3}}) + "\n")
+    assert tables.recipe_name("msf", str(run)) == "MSF (BYOL's recipe, k = 3)"
+    (run / "poisoned" / "log.jsonl").write_text(json.dumps({"args": {"optimizer": "sgd", "topk": 5}}) + "\n")
+    assert tables.recipe_name("msf", str(run)) == "MSF" and tables.recipe_name("byol", str(run)) == "BYOL"
