@@ -148,7 +148,7 @@ def test_every_path_and_link_the_readme_names_exists():
 
 
 def test_the_readmes_quickstart_methods_are_quickstart_sh_s():
-    case = re.search(r"case \$METHOD in ([\w|]+)\)", read("scripts/quickstart.sh")).group(1).split("|")
+    case = re.search(r"case \"?\$METHOD\"? in ([\w|]+)\) ;;", read("scripts/quickstart.sh")).group(1).split("|")
     readme = re.search(r"METHOD is one of ((?:`\w+`(?:, )?)+)", read("README.md")).group(1)
     assert re.findall(r"`(\w+)`", readme) == case
 
