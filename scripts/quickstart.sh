@@ -104,6 +104,12 @@ pretrain() {  # pretrain TRAIN_LIST OUT SEED: SSL pre-training, resumed if inter
   if [ ! -f "$2/done" ]; then
     local resume=()
     [ -f "$2/checkpoint.pt" ] && resume=(--resume "$2/checkpoint.pt")
+    # a run that finished before its done marker was written: its checkpoint is at its own last epoch
+    if [ -f "$2/checkpoint.pt" ] && "$PY" -c 'import sys, torch; c = torch.load(sys.argv[1], weights_only=True)
+sys.exit(c["epoch"] < c["args"]["epochs"])' "$2/checkpoint.pt"; then
+      echo "jobs=$AT_ONCE" > "$2/done"
+      return
+    fi
     ${LAUNCH:-"$PY"} "$METHOD.py" --train-list "$1" --out "$2" --seed "$3" $COMMON $FLAGS ${EXTRA:-} "${resume[@]}"
     echo "jobs=$AT_ONCE" > "$2/done"
   fi
