@@ -208,6 +208,7 @@ def main(argv=None):
         raise InputError(f"{args.encoder}: a ViT for {src['arch_kwargs']['image_size']} px cannot take --image-size {size}")
     samples = read_list(args.train_list)
     ref_list = FileList(read_list(args.reference_list), EvalView(size))
+    ref_list.load("off")  # every header: not an image, or too large to decode, is one line
     references = [ref_list[i][0] for i in range(len(ref_list))]
     triggers = load_triggers(args, size, len(references))
     views = ShadowViews(size, triggers, references, args.trigger_location, args.trigger_range, args.opacity)
