@@ -199,3 +199,12 @@ def test_glance_table_one_row_per_method(tmp_path):
     assert lines[2] == "| MoCo v2 | 461.1 vs 22.8 | 1 of 2 runs | 26.5 ± 33.2 | 7.5 min | no |"
     assert lines[3] == "| BYOL | 1442.3 vs 15.4 | (not run) | | | no |"
     assert lines[-1].startswith("Demo: 8 classes, FP out of 350 non-target val images;")
+
+
+def test_the_readmes_test_run_verdicts_come_from_a_generated_table():
+    """Every 'shown in k of N test runs' of the README is a verdict line of docs/results.md's tables.py output."""
+    readme, results = read("README.md"), read("docs/results.md")
+    claims = re.findall(r"([A-Z][\w ]*\([\w ]+\)): shown in (\d+) of (\d+) test runs", readme)
+    assert claims, "the README states no test-run verdict"
+    for name, k, n in claims:
+        assert f"\n{name}: shown in {k} of {n} test runs\n" in results, (name, k, n)
