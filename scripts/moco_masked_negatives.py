@@ -78,8 +78,9 @@ def main(argv=None):
             queue_poison[(ptr + torch.arange(len(zk), device=device)) % args.queue_size] = q_poison
             total += loss.item()
         per_query = masked / max(1.0, len(loader) * args.batch_size * float(poison.float().mean()))
-        record = {"epoch": epoch + 1, "loss": total / len(loader), "lr": lr, "seconds": time.time() - t0,
-                  "masked_negatives_per_poisoned_query": per_query}
+        seconds = time.time() - t0
+        record = {"epoch": epoch + 1, "loss": total / len(loader), "lr": lr, "seconds": seconds,
+                  "images_per_s": len(loader) * args.batch_size / seconds, "masked_negatives_per_poisoned_query": per_query}
         print(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4f}  {per_query:.1f} negatives masked per "
               "poisoned query", flush=True)
         moco.save_checkpoint(os.path.join(out, "checkpoint.pt"), {

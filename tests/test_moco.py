@@ -165,4 +165,5 @@ def test_masked_negatives_diagnostic_runs_and_writes_a_moco_checkpoint(demo, tmp
     assert "negatives masked per poisoned query" in proc.stdout
     log = read_log(tmp_path / "m")
     assert log[0]["poisons"] > 0 and log[-1]["epoch"] == 1 and log[-1]["masked_negatives_per_poisoned_query"] >= 0
+    assert log[-1]["images_per_s"] > 0  # tables.py pair reads it
     assert moco.load_checkpoint(str(tmp_path / "m" / "checkpoint.pt"))["method"] == "moco"
