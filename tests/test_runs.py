@@ -181,16 +181,6 @@ def test_quickstart_runs_share_one_clean_model_and_grow(tmp_path):
     empty = subprocess.run(["bash", os.path.join(ROOT, "scripts", "probe_seeds.sh"), str(tmp_path / "none")], cwd=ROOT,
                            capture_output=True, text=True)
     assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "none: no run<r>" in empty.stderr
-    # two models at once (JOBS=2: the clean model and run 0's) give the probes of one at a time; done says so
-    two = subprocess.run(cmd[:-1] + [str(tmp_path / "two")], cwd=ROOT, env={**env, "RUNS": "1", "JOBS": "2"},
-                         capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert [open(tmp_path / "two" / d / "done").read() for d in ("clean", "run0/poisoned")] == ["jobs=2\n"] * 2
-    for kind in ("clean", "poisoned"):
-        a, b = (json.load(open(o / "run0" / kind / "probe" / "metrics.json")) for o in (out, tmp_path / "two"))
-        assert [a[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")] == \
-               [b[k] for k in ("acc_clean", "fp_clean", "acc_patched", "fp_patched")], kind
-    assert "2 at once" in open(tmp_path / "two" / "table.md").read()
     # scripts/trigger_sizes.sh: the clean model against run 0's trigger at other sides; at run 0's own side (4 px) it
     # rebuilds run 0's patched val from poison.json's flags and gives the clean model's probe of run 0
     sizes_cmd = ["bash", os.path.join(ROOT, "scripts", "trigger_sizes.sh"), str(out / "clean"), str(out / "data" / "run0"),
