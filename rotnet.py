@@ -209,9 +209,12 @@ class ResizedCrop:
     def batch(self, images, u):
         """images: B uint8 tensors (H, W, 3) of any sizes; u: (B, 23) uniforms -> (B, 3, size, size) uint8 views."""
         hw = torch.tensor([x.shape[:2] for x in images])
-        padded = torch.zeros(len(images), 3, *hw.amax(0).tolist())  # the filter weights never reach the padding
-        for b, x in enumerate(images):
-            padded[b, :, : x.shape[0], : x.shape[1]] = x.permute(2, 0, 1)
+        if (hw == hw[0]).all():  # one size (the demo): a single stack, no padding
+            padded = torch.stack(images).permute(0, 3, 1, 2).float()
+        else:
+            padded = torch.zeros(len(images), 3, *hw.amax(0).tolist())  # the filter weights never reach the padding
+            for b, x in enumerate(images):
+                padded[b, :, : x.shape[0], : x.shape[1]] = x.permute(2, 0, 1)
         top, left, h, w = self.boxes(hw, u)
         wy, wx = self.weights(top, h, padded.shape[2]), self.weights(left, w, padded.shape[3])
         wx = torch.where(u[:, 22, None, None] < 0.5, wx.flip(1), wx)  # the flip, as torchvision: p 0.5
