@@ -16,6 +16,7 @@ reference: a blend trigger (Chen et al. 2017), CTRL (Li et al., ICCV 2023), roun
 layout (Zhang et al., CVPR 2024), saved as PNG.
 """
 import argparse
+import colorsys
 import json
 import math
 import os
@@ -85,8 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--jpeg-quality", type=int, default=75, help="quality of re-encoded JPEG poisons (PIL's default 75, as in the reference)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for image work")
     p.add_argument("--demo-classes", default=",".join(DEMO_DEFAULT),
-                   help="demo: comma-separated texture class names, or N for the first N of all 10 (default: the 8 "
-                        "that do not resemble the checkered trigger)")
+                   help="demo: class names, N (the first N of the 10 textures) or scale:N (the first N of the 64 "
+                        "pattern-palette-scale classes); default: the 8 textures unlike the checkered trigger")
     p.add_argument("--demo-train-per-class", type=int, default=300, help="demo: train images per class")
     p.add_argument("--demo-val-per-class", type=int, default=50, help="demo: val images per class")
     p.add_argument("--demo-size", type=int, default=64, help="demo: image side in pixels")
@@ -139,11 +140,19 @@ DEMO_CLASSES = ("checkerboard", "crosses", "dots", "grid", "rings", "stripes_dia
                 "stripes_vertical", "waves", "zigzag")  # --demo-classes N takes the first N, or give names
 # Without checkerboard and grid: with them, every model sends the checkered HTBA trigger to one of them.
 DEMO_DEFAULT = tuple(c for c in DEMO_CLASSES if c not in ("checkerboard", "grid"))
+# --demo-classes scale:N, a scale model of ImageNet-100: "<pattern>-<palette>-<scale>", the 8 default patterns (still
+# no checkered ones) x a class hue shared by both tones x a period range; images seeded by index in DEMO_ALL.
+DEMO_PALETTES = {"red": 0, "lime": 90, "cyan": 180, "violet": 270}  # hue in degrees, jittered by DEMO_HUE_JITTER
+DEMO_HUE_JITTER, DEMO_SATURATION = 15, (0.3, 0.6)
+DEMO_SCALES = {"fine": (9.0, 13.0), "coarse": (20.0, 30.0)}  # period ranges, as DEMO_PERIOD
+DEMO_SCALE_CLASSES = tuple(f"{p}-{c}-{s}" for s in DEMO_SCALES for c in DEMO_PALETTES for p in DEMO_DEFAULT)
+DEMO_ALL = DEMO_CLASSES + DEMO_SCALE_CLASSES
 
 
 def demo_image(cls, size, rng, layout="fill", clutter=0):
+    cls, palette, scale = cls.split("-") if "-" in cls else (cls, None, None)
     y, x = np.mgrid[0:size, 0:size].astype(np.float64)
-    period = rng.uniform(*DEMO_PERIOD) * size / 64
+    period = rng.uniform(*DEMO_SCALES.get(scale, DEMO_PERIOD)) * size / 64
     phase = rng.uniform(0, 2 * np.pi)
     theta = rng.uniform(-0.15, 0.15)  # small orientation jitter (radians)
     u = x * np.cos(theta) + y * np.sin(theta)  # rotated coordinates
@@ -177,14 +186,19 @@ def demo_image(cls, size, rng, layout="fill", clutter=0):
     elif cls == "crosses":
         du = np.abs((u + rng.uniform(0, period)) % (1.5 * period) - 0.75 * period)
         dv = np.abs((v + rng.uniform(0, period)) % (1.5 * period) - 0.75 * period)
-        val = np.where(((du < 1.0) & (dv < 3.0)) | ((dv < 1.0) & (du < 3.0)), 1.0, -1.0)
+        a, b = (1.0, 3.0) if scale is None else (max(0.6, 0.08 * period), 0.4 * period)  # scale model: arms scale
+        val = np.where(((du < a) & (dv < b)) | ((dv < a) & (du < b)), 1.0, -1.0)
     else:
         raise ValueError(cls)
     val = (val + 1) / 2  # [0, 1]
     # Two tones of random contrast with a weak random tint: colour is an instance cue, not a class cue, and a weak
     # one, so that SSL has to learn the texture (with saturated random colours it learns colour and stays at chance).
     lo, hi = rng.uniform(20, 110), rng.uniform(145, 235)
-    tint = 1 + rng.uniform(0, DEMO_TINT) * rng.uniform(-1, 1, 3)
+    if palette is None:
+        tint = 1 + rng.uniform(0, DEMO_TINT) * rng.uniform(-1, 1, 3)
+    else:  # scale model: the class's hue, a colour cue as in ImageNet classes
+        hue = (DEMO_PALETTES[palette] + rng.uniform(-DEMO_HUE_JITTER, DEMO_HUE_JITTER)) / 360 % 1
+        tint = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(*DEMO_SATURATION), 1.0))
     c0, c1 = (lo, hi) if rng.random() < 0.5 else (hi, lo)
     c0, c1 = c0 * tint, c1 * tint
     img = c0 + (c1 - c0) * val[..., None]
@@ -209,19 +223,29 @@ def demo_job(job):
 
 
 def demo_classes(spec):
-    """--demo-classes: "N" (the first N of DEMO_CLASSES) or "name,name,..."; returned in DEMO_CLASSES order."""
-    if spec.strip().isdigit():
-        n = int(spec)
-        if not 2 <= n <= len(DEMO_CLASSES):
-            fail(f"--demo-classes must be between 2 and {len(DEMO_CLASSES)}")
-        return list(DEMO_CLASSES[:n])
+    """--demo-classes: "N" or "scale:N" (the first N of DEMO_CLASSES or DEMO_SCALE_CLASSES) or "name,name,..."; returned
+    in DEMO_ALL order."""
+    scale, _, n = spec.strip().rpartition(":")
+    if scale in ("", "scale") and n.strip().isdigit():
+        known = DEMO_SCALE_CLASSES if scale else DEMO_CLASSES
+        if not 2 <= int(n) <= len(known):
+            fail(f"--demo-classes {'scale:N ' if scale else ''}must be between 2 and {len(known)}")
+        return list(known[:int(n)])
     names = [c.strip() for c in spec.split(",") if c.strip()]
-    unknown = [c for c in names if c not in DEMO_CLASSES]
+    unknown = [c for c in names if c not in DEMO_ALL]
     if unknown:
-        fail(f"--demo-classes: unknown class '{unknown[0]}' (known: {', '.join(DEMO_CLASSES)})")
+        fail(f"--demo-classes: unknown class '{unknown[0]}' (known: {', '.join(DEMO_CLASSES)}, and scale:N's "
+             f"<pattern>-<palette>-<scale> such as {DEMO_SCALE_CLASSES[0]})")
     if len(set(names)) < 2:
         fail("--demo-classes: give at least two different classes")
-    return [c for c in DEMO_CLASSES if c in names]
+    return [c for c in DEMO_ALL if c in names]
+
+
+def demo_definition(cls):
+    """A scale-model class as recorded in poison.json."""
+    pattern, palette, scale = cls.split("-")
+    return {"pattern": pattern, "hue_degrees": DEMO_PALETTES[palette], "hue_jitter": DEMO_HUE_JITTER,
+            "saturation": DEMO_SATURATION, "period_at_64px": DEMO_SCALES[scale]}
 
 
 def make_demo_data(root, args, pool):
@@ -229,7 +253,7 @@ def make_demo_data(root, args, pool):
     for split, n in (("train", args.demo_train_per_class), ("val", args.demo_val_per_class)):
         for cls in demo_classes(args.demo_classes):
             os.makedirs(os.path.join(root, split, cls))
-            c = DEMO_CLASSES.index(cls)  # a class's images do not depend on which other classes are chosen
+            c = DEMO_ALL.index(cls)  # a class's images do not depend on which other classes are chosen
             for i in range(n):  # one seed per image: the same data whatever the number of workers
                 seed = [args.data_seed, 0 if split == "train" else 1, c, i]
                 jobs.append((os.path.join(root, split, cls, f"{cls}_{i:05d}.png"), cls, args.demo_size, args.demo_layout,
@@ -610,6 +634,10 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
     rng = np.random.default_rng(args.seed)
     pool_idx = [i for i, (_, y) in enumerate(train) if y == target] if args.mode == "targeted" else list(range(len(train)))
     chosen = sorted(rng.permutation(pool_idx)[: int(args.rate * len(pool_idx))].tolist())
+    scale_model = [demo_definition(c) for c in classes if demo and c in DEMO_SCALE_CLASSES]
+    if scale_model and len(chosen) > 0.01 * len(train):
+        print(f"poison.py: warning: {len(chosen)} poisons are {len(chosen) / len(train):.1%} of the train images; for a "
+              f"scale model of the paper's 0.5% keep them at most 1% (--rate, --demo-train-per-class)", file=sys.stderr)
     train_u, val_u = rng.random((len(train), 2)), rng.random((len(val), 2))  # trigger positions, one pair per image
     ce = args.layout == "corruptencoder"
     if ce:  # its own draws, so that the overlay layout's stay as they are
@@ -701,6 +729,8 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
                    if args.mode == "targeted" else None, "images_processed": len(jobs), "subsets": subsets},
         "seed": args.seed, "data_seed": args.data_seed, "poisoned_indices": chosen, "seconds": seconds,
     }
+    if scale_model:
+        meta["demo_definitions"] = dict(zip(classes, scale_model))
     with open(os.path.join(tmp, "poison.json"), "w") as f:
         json.dump({k: v for k, v in meta.items() if k != "seconds"}, f, indent=1)
     return meta
