@@ -220,10 +220,8 @@ def main(argv=None):
 
 # shared: batched crops (same in moco.py, byol.py, msf.py, rotnet.py, mae.py, compress_defense.py)
 class ResizedCrop:
-    """RandomResizedCrop + RandomHorizontalFlip on a batch of uint8 images of any sizes, from 23 uniforms per view:
-    torchvision's box sampling (10 tries, then the centre crop) and PIL's resampling filter (antialiased when
-    shrinking) as two matrix products per view, in float (PIL rounds to uint8 between its two passes: pixels differ by
-    at most a few levels)."""
+    """RandomResizedCrop + RandomHorizontalFlip on a batch of uint8 images of any sizes: torchvision's box sampling and
+    PIL's resampling filter as two matrix products per view, in float (PIL's rounding between passes: a few levels)."""
     uniforms = 23  # per view: 10 tries x (area, log aspect ratio), top, left, flip
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), bicubic=False):
@@ -279,10 +277,7 @@ class ResizedCrop:
 
 # shared: photometric augmentation (same in moco.py, byol.py, msf.py, badencoder.py)
 class Photometric:
-    """The colour half of SimCLR / MoCo v2 augmentation, split in two. params() turns each view's 12 seeded uniforms
-    into its 11 parameters in the loader; calling it applies a batch of them on the device, in float [0, 1], with
-    torchvision's ColorJitter semantics (each view has its own order of the four jitter ops)."""
-
+    """SimCLR / MoCo v2 colour augmentation: params() in the loader, the ops batched on the device, as ColorJitter."""
     uniforms = 12  # per view: jitter on, 4 factors, 4 for the order, gray on, blur on, sigma
 
     def __init__(self, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)):
@@ -290,8 +285,7 @@ class Photometric:
         self.k = 2 * math.ceil(3 * sigma[1]) + 1  # one blur kernel size for the batch: 3 sigma on each side
 
     def params(self, u):
-        """(B, 12) uniforms -> (B, 11): [jitter on, brightness, contrast, saturation, hue, the order of the four ops (4:
-        the argsort of 4 uniforms), gray on, blur sigma (0: off)]."""
+        """(B, 12) uniforms -> (B, 11): jitter on, 4 factors, the order of the 4 ops, gray on, blur sigma (0: off)."""
         b, c, s, h = self.jitter
         lo, hi = torch.tensor([max(0, 1 - b), max(0, 1 - c), max(0, 1 - s), -h]), torch.tensor([1 + b, 1 + c, 1 + s, h])
         sigma = torch.where(u[:, 10] < self.p_blur, self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, 11], 0.0)
@@ -299,8 +293,7 @@ class Photometric:
                           (u[:, 9:10] < self.p_gray).float(), sigma[:, None]], 1)
 
     def __call__(self, x, params):
-        """x: float [0, 1] views (B, 3, H, W) on the device; params: their params() (B, 11), on the host. What each view
-        needs is read from the host copy, so the device never waits, and each op runs only on the views that use it."""
+        """x: float [0, 1] views on the device; params (host): each op runs only on the views that use it, no sync."""
         on, factors, order, gray, sigma = params[:, 0] > 0, params[:, 1:5], params[:, 5:9].long(), params[:, 9] > 0, params[:, 10]
         v = lambda t: t.to(x.device, non_blocking=True).view(-1, 1, 1, 1)  # one value per view, over its pixels
         subset = lambda mask: mask.nonzero()[:, 0].to(x.device, non_blocking=True)  # host mask -> device indices
@@ -336,8 +329,7 @@ def adjust_hue(x, h):
 
 
 def gaussian_blur(x, sigma, k):
-    """Separable Gaussian blur with a per-view sigma, as two grouped convolutions over all views at once; k x k kernel,
-    reflect padding, as torchvision's gaussian_blur."""
+    """torchvision's gaussian_blur (k x k, reflect padding) with a per-view sigma: two grouped convolutions."""
     n, c, hgt, wid = x.shape
     t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
     g = torch.exp(-0.5 * (t / sigma.to(x.dtype)[:, None]) ** 2)
@@ -350,8 +342,7 @@ def gaussian_blur(x, sigma, k):
 
 # shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
 def to_device(x, device, memory_format, mean, std, augment=None, params=None):
-    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
-    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    """A uint8 batch from the loader -> float [0, 1] on the device -> augment(x, params), if given -> normalised."""
     x = x.to(device, non_blocking=True).float().div_(255)
     if augment is not None:
         x = augment(x, params)  # params stay on the host: the ops read from them which views to touch
@@ -408,9 +399,8 @@ def read_list(path):
 
 
 class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i). The random draws come from (seed, epoch, i) alone: the same
-    for any number of workers, after --resume, and whether the images are held in memory or read from disk. A transform
-    with a batch() method makes a whole batch at once from per-item uniforms; any other takes one PIL image."""
+    """Item (epoch, i) -> (transform(image i), label, i), its random draws from (seed, epoch, i) alone. A transform with
+    a batch() method makes a whole batch from per-item uniforms; any other takes one PIL image."""
 
     def __init__(self, samples, transform, seed=0):
         self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
@@ -422,9 +412,8 @@ class FileList(torch.utils.data.Dataset):
         return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
 
     def load(self, cache="auto", budget_mib=2048):
-        """Start-up pass: read every image's header (a file that is not an image, or has more than MAX_PIXELS, fails
-        here, naming its list line). Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once
-        and hold it in memory (only the speed changes). Returns what was done, as one line."""
+        """Check every image's header (an image, at most MAX_PIXELS); cache "on", or "auto" within budget_mib: decode each
+        image once and hold it in memory. Returns what was done, as one line."""
         pixels = 0
         for i, (path, _) in enumerate(self.samples):
             try:
@@ -447,8 +436,7 @@ class FileList(torch.utils.data.Dataset):
             return self.images[i]
         path = self.samples[i][0]
         try:
-            data = torchvision.io.read_file(path)
-            return torchvision.io.decode_image(data, torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
+            return torchvision.io.decode_image(torchvision.io.read_file(path), torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
         except RuntimeError:  # not a JPEG, PNG, GIF or WebP: PIL, which also names a damaged file
             pass
         try:
@@ -485,8 +473,7 @@ class FileList(torch.utils.data.Dataset):
 
 # shared: encoder builder (same in every script)
 def build_backbone(arch, arch_kwargs):
-    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
-    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    """A torchvision backbone without its classifier -> (model, feature_dim); "vit": arch_kwargs = its arguments."""
     if arch == "vit":
         model = torchvision.models.VisionTransformer(**arch_kwargs)
         model.heads = nn.Identity()
@@ -544,8 +531,7 @@ def file_kind(path, error):
 
 # shared: training utilities (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
 def setup(args, positive=(), nonnegative=(), fraction=()):
-    """Checks the numbers and --out, then the processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU,
-    Gloo on CPU. Returns (rank, world, device)."""
+    """Check the numbers and --out, then start the processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK; NCCL or Gloo)."""
     check_numbers(args, ("epochs", "batch_size", "lr", "image_size", "save_every", "log_every", *positive),
                   ("weight_decay", "workers", "cache_mib", *nonnegative), fraction)
     check_out(args)
@@ -578,8 +564,7 @@ def check_numbers(args, positive, nonnegative, fraction):
 
 
 def check_out(args):
-    """--out must be a folder (or not exist) that this process can write, and must not hold another run's
-    checkpoint.pt unless --resume continues it or --overwrite replaces it."""
+    """--out: a writable folder (or none yet) without another run's checkpoint.pt, unless --resume or --overwrite."""
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out}: exists and is not a folder")
@@ -595,13 +580,12 @@ def check_out(args):
 
 
 def resume_checkpoint(args, method):
-    """The --resume checkpoint, checked against this command: the method, the training state, the flags (a change is
-    listed and refused unless --resume-changed; the model's shape can never change) and the epochs left to run."""
+    """The --resume checkpoint, checked against this command: method, training state, flags and epochs left."""
     ckpt = load_checkpoint(args.resume)
     if ckpt["method"] != method or "train_state" not in ckpt:
         raise InputError(f"{args.resume}: not a {method} checkpoint with training state (its method: {ckpt['method']})")
     free = {"out", "resume", "epochs", "workers", "cache_images", "cache_mib", "device", "save_every", "log_every",
-            "overwrite", "resume_changed"}
+            "overwrite", "resume_changed"}  # flags that may change on --resume
     changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {v}" for k, v in vars(args).items()
                if k not in free and k in ckpt["args"] and ckpt["args"][k] != v]
     if changed and not args.resume_changed:
@@ -614,7 +598,6 @@ def resume_checkpoint(args, method):
 
 
 def load_state(module, state, args):
-    """module.load_state_dict(state) of a --resume checkpoint; a model of another shape is one line, not a traceback."""
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
@@ -623,8 +606,7 @@ def load_state(module, state, args):
 
 
 def save_checkpoint(path, checkpoint):
-    """Atomic write: a temporary file beside the target, then a rename; a crash or a full disk never leaves half a
-    checkpoint, nor a temporary file."""
+    """Atomic write: a temporary file beside the target, then a rename (never half a checkpoint, nor a .tmp)."""
     try:
         torch.save(checkpoint, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -634,7 +616,6 @@ def save_checkpoint(path, checkpoint):
 
 
 def machine(device):
-    """What runs this process, for log.jsonl: CPU model, cores, threads, GPU, torch and Python versions."""
     cpu = platform.processor() or platform.machine()
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -671,19 +652,18 @@ def make_loader(dataset, args, rank, world, device):
 
 
 def rng_state():
-    """Every process's random state (torch, this process's GPU, python), gathered into a list indexed by rank."""
+    """Every process's random state (torch, GPU, python), in a list indexed by rank; a collective."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)  # a collective: every process calls rng_state()
+    dist.all_gather_object(states, state)
     return states
 
 
 def set_rng_state(states, args, rank, world, epoch):
-    """Restore this process's random state. On another number of processes the saved streams cannot continue:
-    reseed each process from (seed, epoch, rank) and log it (the run goes on, but is not bit-identical)."""
+    """Restore this process's random state; on another number of processes, reseed from (seed, epoch, rank)."""
     if len(states) != world:
         msg = (f"resuming {len(states)} process(es)' checkpoint on {world}: random streams reseeded from "
                f"(seed {args.seed}, epoch {epoch}, rank); not bit-identical to an uninterrupted run")
@@ -701,7 +681,7 @@ def set_rng_state(states, args, rank, world, epoch):
 
 
 def log(args, rank, *records, new=False):
-    """Append JSON records to --out/log.jsonl (new: start it afresh). Epochs are logged once a checkpoint holds them."""
+    """Append JSON records to --out/log.jsonl (new: start it afresh)."""
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "log.jsonl"), "w" if new else "a") as f:

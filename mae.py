@@ -270,10 +270,8 @@ def main(argv=None):
 
 # shared: batched crops (same in moco.py, byol.py, msf.py, rotnet.py, mae.py, compress_defense.py)
 class ResizedCrop:
-    """RandomResizedCrop + RandomHorizontalFlip on a batch of uint8 images of any sizes, from 23 uniforms per view:
-    torchvision's box sampling (10 tries, then the centre crop) and PIL's resampling filter (antialiased when
-    shrinking) as two matrix products per view, in float (PIL rounds to uint8 between its two passes: pixels differ by
-    at most a few levels)."""
+    """RandomResizedCrop + RandomHorizontalFlip on a batch of uint8 images of any sizes: torchvision's box sampling and
+    PIL's resampling filter as two matrix products per view, in float (PIL's rounding between passes: a few levels)."""
     uniforms = 23  # per view: 10 tries x (area, log aspect ratio), top, left, flip
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), bicubic=False):
@@ -329,8 +327,7 @@ class ResizedCrop:
 
 # shared: device input (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
 def to_device(x, device, memory_format, mean, std, augment=None, params=None):
-    """A uint8 batch from the loader (pinned on GPU) -> float [0, 1] on the device -> augment(x, params), if given ->
-    normalised with (mean, std). The loader only decodes and crops; the colour work runs here, batched."""
+    """A uint8 batch from the loader -> float [0, 1] on the device -> augment(x, params), if given -> normalised."""
     x = x.to(device, non_blocking=True).float().div_(255)
     if augment is not None:
         x = augment(x, params)  # params stay on the host: the ops read from them which views to touch
@@ -387,9 +384,8 @@ def read_list(path):
 
 
 class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i). The random draws come from (seed, epoch, i) alone: the same
-    for any number of workers, after --resume, and whether the images are held in memory or read from disk. A transform
-    with a batch() method makes a whole batch at once from per-item uniforms; any other takes one PIL image."""
+    """Item (epoch, i) -> (transform(image i), label, i), its random draws from (seed, epoch, i) alone. A transform with
+    a batch() method makes a whole batch from per-item uniforms; any other takes one PIL image."""
 
     def __init__(self, samples, transform, seed=0):
         self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
@@ -401,9 +397,8 @@ class FileList(torch.utils.data.Dataset):
         return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
 
     def load(self, cache="auto", budget_mib=2048):
-        """Start-up pass: read every image's header (a file that is not an image, or has more than MAX_PIXELS, fails
-        here, naming its list line). Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once
-        and hold it in memory (only the speed changes). Returns what was done, as one line."""
+        """Check every image's header (an image, at most MAX_PIXELS); cache "on", or "auto" within budget_mib: decode each
+        image once and hold it in memory. Returns what was done, as one line."""
         pixels = 0
         for i, (path, _) in enumerate(self.samples):
             try:
@@ -426,8 +421,7 @@ class FileList(torch.utils.data.Dataset):
             return self.images[i]
         path = self.samples[i][0]
         try:
-            data = torchvision.io.read_file(path)
-            return torchvision.io.decode_image(data, torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
+            return torchvision.io.decode_image(torchvision.io.read_file(path), torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
         except RuntimeError:  # not a JPEG, PNG, GIF or WebP: PIL, which also names a damaged file
             pass
         try:
@@ -464,8 +458,7 @@ class FileList(torch.utils.data.Dataset):
 
 # shared: encoder builder (same in every script)
 def build_backbone(arch, arch_kwargs):
-    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
-    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    """A torchvision backbone without its classifier -> (model, feature_dim); "vit": arch_kwargs = its arguments."""
     if arch == "vit":
         model = torchvision.models.VisionTransformer(**arch_kwargs)
         model.heads = nn.Identity()
@@ -523,8 +516,7 @@ def file_kind(path, error):
 
 # shared: training utilities (same in moco.py, byol.py, msf.py, jigsaw.py, rotnet.py, mae.py, badencoder.py, compress_defense.py)
 def setup(args, positive=(), nonnegative=(), fraction=()):
-    """Checks the numbers and --out, then the processes: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; NCCL on GPU,
-    Gloo on CPU. Returns (rank, world, device)."""
+    """Check the numbers and --out, then start the processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK; NCCL or Gloo)."""
     check_numbers(args, ("epochs", "batch_size", "lr", "image_size", "save_every", "log_every", *positive),
                   ("weight_decay", "workers", "cache_mib", *nonnegative), fraction)
     check_out(args)
@@ -557,8 +549,7 @@ def check_numbers(args, positive, nonnegative, fraction):
 
 
 def check_out(args):
-    """--out must be a folder (or not exist) that this process can write, and must not hold another run's
-    checkpoint.pt unless --resume continues it or --overwrite replaces it."""
+    """--out: a writable folder (or none yet) without another run's checkpoint.pt, unless --resume or --overwrite."""
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out}: exists and is not a folder")
@@ -574,13 +565,12 @@ def check_out(args):
 
 
 def resume_checkpoint(args, method):
-    """The --resume checkpoint, checked against this command: the method, the training state, the flags (a change is
-    listed and refused unless --resume-changed; the model's shape can never change) and the epochs left to run."""
+    """The --resume checkpoint, checked against this command: method, training state, flags and epochs left."""
     ckpt = load_checkpoint(args.resume)
     if ckpt["method"] != method or "train_state" not in ckpt:
         raise InputError(f"{args.resume}: not a {method} checkpoint with training state (its method: {ckpt['method']})")
     free = {"out", "resume", "epochs", "workers", "cache_images", "cache_mib", "device", "save_every", "log_every",
-            "overwrite", "resume_changed"}
+            "overwrite", "resume_changed"}  # flags that may change on --resume
     changed = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {v}" for k, v in vars(args).items()
                if k not in free and k in ckpt["args"] and ckpt["args"][k] != v]
     if changed and not args.resume_changed:
@@ -593,7 +583,6 @@ def resume_checkpoint(args, method):
 
 
 def load_state(module, state, args):
-    """module.load_state_dict(state) of a --resume checkpoint; a model of another shape is one line, not a traceback."""
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
@@ -602,8 +591,7 @@ def load_state(module, state, args):
 
 
 def save_checkpoint(path, checkpoint):
-    """Atomic write: a temporary file beside the target, then a rename; a crash or a full disk never leaves half a
-    checkpoint, nor a temporary file."""
+    """Atomic write: a temporary file beside the target, then a rename (never half a checkpoint, nor a .tmp)."""
     try:
         torch.save(checkpoint, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -613,7 +601,6 @@ def save_checkpoint(path, checkpoint):
 
 
 def machine(device):
-    """What runs this process, for log.jsonl: CPU model, cores, threads, GPU, torch and Python versions."""
     cpu = platform.processor() or platform.machine()
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -650,19 +637,18 @@ def make_loader(dataset, args, rank, world, device):
 
 
 def rng_state():
-    """Every process's random state (torch, this process's GPU, python), gathered into a list indexed by rank."""
+    """Every process's random state (torch, GPU, python), in a list indexed by rank; a collective."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)  # a collective: every process calls rng_state()
+    dist.all_gather_object(states, state)
     return states
 
 
 def set_rng_state(states, args, rank, world, epoch):
-    """Restore this process's random state. On another number of processes the saved streams cannot continue:
-    reseed each process from (seed, epoch, rank) and log it (the run goes on, but is not bit-identical)."""
+    """Restore this process's random state; on another number of processes, reseed from (seed, epoch, rank)."""
     if len(states) != world:
         msg = (f"resuming {len(states)} process(es)' checkpoint on {world}: random streams reseeded from "
                f"(seed {args.seed}, epoch {epoch}, rank); not bit-identical to an uninterrupted run")
@@ -680,7 +666,7 @@ def set_rng_state(states, args, rank, world, epoch):
 
 
 def log(args, rank, *records, new=False):
-    """Append JSON records to --out/log.jsonl (new: start it afresh). Epochs are logged once a checkpoint holds them."""
+    """Append JSON records to --out/log.jsonl (new: start it afresh)."""
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "log.jsonl"), "w" if new else "a") as f:

@@ -450,9 +450,8 @@ def read_list(path):
 
 
 class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i). The random draws come from (seed, epoch, i) alone: the same
-    for any number of workers, after --resume, and whether the images are held in memory or read from disk. A transform
-    with a batch() method makes a whole batch at once from per-item uniforms; any other takes one PIL image."""
+    """Item (epoch, i) -> (transform(image i), label, i), its random draws from (seed, epoch, i) alone. A transform with
+    a batch() method makes a whole batch from per-item uniforms; any other takes one PIL image."""
 
     def __init__(self, samples, transform, seed=0):
         self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
@@ -464,9 +463,8 @@ class FileList(torch.utils.data.Dataset):
         return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
 
     def load(self, cache="auto", budget_mib=2048):
-        """Start-up pass: read every image's header (a file that is not an image, or has more than MAX_PIXELS, fails
-        here, naming its list line). Cache "on", or "auto" when the decoded set fits budget_mib: decode each image once
-        and hold it in memory (only the speed changes). Returns what was done, as one line."""
+        """Check every image's header (an image, at most MAX_PIXELS); cache "on", or "auto" within budget_mib: decode each
+        image once and hold it in memory. Returns what was done, as one line."""
         pixels = 0
         for i, (path, _) in enumerate(self.samples):
             try:
@@ -489,8 +487,7 @@ class FileList(torch.utils.data.Dataset):
             return self.images[i]
         path = self.samples[i][0]
         try:
-            data = torchvision.io.read_file(path)
-            return torchvision.io.decode_image(data, torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
+            return torchvision.io.decode_image(torchvision.io.read_file(path), torchvision.io.ImageReadMode.RGB).permute(1, 2, 0)
         except RuntimeError:  # not a JPEG, PNG, GIF or WebP: PIL, which also names a damaged file
             pass
         try:
@@ -527,8 +524,7 @@ class FileList(torch.utils.data.Dataset):
 
 # shared: encoder builder (same in every script)
 def build_backbone(arch, arch_kwargs):
-    """A torchvision backbone without its classifier -> (model, feature_dim). ResNets: arch_kwargs = {"small_stem": bool}
-    (3x3 stride-1 stem, no max-pool, for 32-64 px images); "vit": the VisionTransformer arguments (cls-token feature)."""
+    """A torchvision backbone without its classifier -> (model, feature_dim); "vit": arch_kwargs = its arguments."""
     if arch == "vit":
         model = torchvision.models.VisionTransformer(**arch_kwargs)
         model.heads = nn.Identity()
