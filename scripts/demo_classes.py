@@ -105,12 +105,16 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
     r = measure(args.classes, args.train, args.val, args.size, args.trigger_size, args.data_seed)
-    r.update(spec=args.classes, machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    r.update(spec=args.classes, machine=f"{cpu}, {os.cpu_count()} cores")
     print(f"{r['classes']} classes ({args.classes}), {r['train']} train / {r['val']} val images of {args.size} px: "
           f"nearest centroid {r['nearest_centroid']:.1%}, logistic regression {r['logistic_regression']:.1%} "
           f"(chance {r['chance']:.1%}); with the {args.trigger_size} px trigger: {r['patched_logistic_regression']:.1%}, "
           f"its most frequent class '{r['patched_top_class']}' gets {r['patched_top_class_share']:.1%} of the patched "
-          f"images ({r['clean_top_class_share']:.1%} of the clean ones); {r['seconds']}s")
+          f"images ({r['clean_top_class_share']:.1%} of the clean ones); {r['seconds']}s on {r['machine']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(r, f, indent=1)
