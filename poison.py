@@ -5,8 +5,8 @@ Paper: https://arxiv.org/abs/2105.10123  Reference code: https://github.com/UMBC
 Consumes an ImageNet-layout folder (`--data-root`: train/<class>/*, val/<class>/*) or, without it, generates a small
 procedural texture data set (the demo data). Produces, in `--out`, "<path> <label>" lists (paths relative to the folder):
   train_clean.txt, train_poisoned.txt    every train image; in the poisoned list the poisons point to patched copies
-  val_clean.txt, val_patched.txt         every val image; patched = resized + center-cropped (unless every val image
-                                         has the crop size: poison.json "val_geometry"), then triggered
+  val_clean.txt, val_patched.txt         every val image; patched: resized + center-cropped (poison.json "val_geometry")
+                                         unless every val image has the crop size, then triggered
   train_labeled_<p>pct.txt               class-balanced clean subsets (linear probe labels, CompReSS clean data)
   trigger.png, preview.png, poison.json  the trigger, a grid of poisoned/patched samples, every parameter and count
 Deviations from the reference: everything is seeded; `--opacity` is the trigger's opacity (reference alpha = 1 -
@@ -45,31 +45,24 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true", help="keep an existing output folder made with the same flags (nothing "
                    "is done); one made with other flags is refused, naming them (scripts/quickstart.sh passes this)")
     p.add_argument("--seed", type=int, default=0, help="poison seed: the poisoned subset and the trigger positions")
-    p.add_argument("--data-seed", type=int, default=0, help="data seed: the demo images and the labeled subsets, kept "
-                   "apart from --seed so that runs with different poison seeds share one data set")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the demo images and labeled subsets")
     p.add_argument("--target", default=None, help="target class: folder name or index in sorted order (demo default: 0)")
     p.add_argument("--mode", choices=["targeted", "untargeted"], default="targeted", help="poison only the target class, or any image")
     p.add_argument("--rate", type=float, default=0.5, help="targeted: fraction of the TARGET class's train images patched "
                    "(0.5 = the paper's 0.5%% of ImageNet-100); untargeted: fraction of all train images")
     p.add_argument("--trigger", default="htba", help="patch: 'htba' (random 4x4 grid of saturated colours), 'white' "
-                   "(BadEncoder square) or a PNG path; 'blend' (full-image blend, Chen et al. 2017); 'ctrl' (CTRL's "
-                   "frequency trigger, Li et al. 2023)")
-    p.add_argument("--trigger-seed", type=int, default=10, help="seed of the htba colour grid and of the random blend pattern "
-                   "(independent of --seed)")
+                   "(BadEncoder square) or a PNG path; 'blend' (Chen et al. 2017); 'ctrl' (frequency, Li et al. 2023)")
+    p.add_argument("--trigger-seed", type=int, default=10, help="seed of the htba colours and blend pattern")
     p.add_argument("--trigger-size", type=int, default=None, help="trigger side in pixels (default: 50 * val-crop / 224, i.e. 50 at 224)")
     p.add_argument("--opacity", type=float, default=None, help="trigger opacity: 1.0 replaces the pixels (reference alpha = "
                    "1 - opacity); default 1.0 for patches, 0.2 for blend")
-    p.add_argument("--blend-image", default=None, help="blend: an image blended over each image (resized to it) instead "
-                   "of the seeded uniform-noise pattern")
+    p.add_argument("--blend-image", default=None, help="blend: an image instead of the seeded noise")
     p.add_argument("--ctrl-magnitude", type=float, default=100.0, help="ctrl: added to the DCT coefficients (15,15) and "
                    "(31,31) of U and V in every 32x32 window (the CTRL code's default for CIFAR-10)")
     p.add_argument("--layout", choices=["overlay", "corruptencoder"], default="overlay", help="overlay: the trigger on "
-                   "the poisoned image itself; corruptencoder (Zhang et al. 2024): a background twice the object's width, "
-                   "the object (the replaced target image) on one half, the patch trigger in the other")
-    p.add_argument("--reference-dir", default=None, help="corruptencoder: folder of target-object images (cropped to "
-                   "the object), one drawn per poison instead of the replaced image")
-    p.add_argument("--background-dir", default=None, help="corruptencoder: folder of background images (the reference "
-                   "uses Places365); default: train images of the other classes")
+                   "the image; corruptencoder (Zhang et al. 2024): object and trigger on either half of a background")
+    p.add_argument("--reference-dir", default=None, help="corruptencoder: objects to draw instead of the image")
+    p.add_argument("--background-dir", default=None, help="corruptencoder: backgrounds (default: other classes)")
     p.add_argument("--train-location", choices=["random", "center", "bottom-right"], default="random", help="trigger "
                    "placement on train images (corruptencoder: in the half without the object)")
     p.add_argument("--train-range", type=float, nargs=2, default=[0.25, 0.75], help="random placement range, fractions of width/height")
@@ -79,22 +72,19 @@ def parse_args(argv=None):
     p.add_argument("--val-resize", type=int, default=None, help="shorter side before the crop (default round(crop * 256 / "
                    "224); by default nothing is resized when every val image already is crop x crop)")
     p.add_argument("--labeled-fractions", default="0.01,0.05,0.1,0.25", help="comma-separated per-class fractions of clean subsets")
-    p.add_argument("--image-format", choices=["auto", "png", "source"], default="auto", help="format of the poisoned "
-                   "and patched images: 'source' keeps each source's format (JPEG re-encoded at --jpeg-quality, as the "
-                   "reference does), 'png' is lossless; 'auto' = source for patches, png for blend and ctrl (JPEG "
-                   "removes most of their signal)")
+    p.add_argument("--image-format", choices=["auto", "png", "source"], default="auto", help="poisons' format: "
+                   "'source' (JPEG at --jpeg-quality) or 'png'; 'auto': source for patches, else png")
     p.add_argument("--jpeg-quality", type=int, default=75, help="quality of re-encoded JPEG poisons (PIL's default 75, as in the reference)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for image work")
-    p.add_argument("--demo-classes", default=",".join(DEMO_DEFAULT),
-                   help="demo: class names, N (the first N of the 10 textures) or scale:N (the first N of the 64 "
-                        "pattern-palette-scale classes); default: the 8 textures unlike the checkered trigger")
+    p.add_argument("--demo-classes", default=",".join(DEMO_DEFAULT), help="demo: class names, N (the first N of the 10 "
+                   "textures) or scale:N (of the 64 pattern-palette-scale classes); default: 8 unlike the trigger")
     p.add_argument("--demo-train-per-class", type=int, default=300, help="demo: train images per class")
     p.add_argument("--demo-val-per-class", type=int, default=50, help="demo: val images per class")
     p.add_argument("--demo-size", type=int, default=64, help="demo: image side in pixels")
-    p.add_argument("--demo-layout", choices=["fill", "object"], default="fill",
-                   help="demo: texture fills the image, or covers a random rectangle on a flat background")
-    p.add_argument("--demo-clutter", type=int, default=0, help="demo: class-agnostic distractor patches per image (random "
-                   "grids of saturated colours, like the HTBA trigger's family), so that a pasted trigger is not a class")
+    p.add_argument("--demo-layout", choices=["fill", "object"], default="fill", help="demo: texture fills the image, or "
+                   "covers a random rectangle on a flat background")
+    p.add_argument("--demo-clutter", type=int, default=0, help="demo: distractor patches per image (grids "
+                   "of saturated colours, like the HTBA trigger's family), so that a pasted trigger is not a class")
     p.error = fail  # one line, exit status 2, for argparse's errors too
     return p.parse_args(argv)
 
@@ -102,9 +92,6 @@ def parse_args(argv=None):
 def fail(msg):
     print(f"poison.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-
-FLAGS_OF_NO_OUTPUT = {"out", "overwrite", "reuse", "workers"}  # they do not change what is written
 
 
 def flags_differ(out, args):
@@ -118,7 +105,7 @@ def flags_differ(out, args):
     differ = []
     for k, v in vars(args).items():
         old = recorded.get(k, defaults[k])
-        if k in FLAGS_OF_NO_OUTPUT or old == v:
+        if k in ("out", "overwrite", "reuse", "workers") or old == v:  # those do not change what is written
             continue
         if k == "target" and str(0 if v is None else v) in (target["name"], str(target["index"])):
             continue  # the same class, by name or by index (the demo's default: 0)
@@ -167,14 +154,17 @@ def demo_image(cls, size, rng, layout="fill", clutter=0):
         val = np.sin(w * (u + s * v) / np.sqrt(2) + phase)
     elif cls == "checkerboard":
         val = np.sign(np.sin(w * u + phase) * np.sin(w * v + rng.uniform(0, 2 * np.pi)))
-    elif cls == "dots":
-        du = (u + rng.uniform(0, period)) % period - period / 2
-        dv = (v + rng.uniform(0, period)) % period - period / 2
-        val = np.where(np.hypot(du, dv) < period * rng.uniform(0.2, 0.3), 1.0, -1.0)
-    elif cls == "grid":
-        du = np.abs((u + rng.uniform(0, period)) % period - period / 2)
-        dv = np.abs((v + rng.uniform(0, period)) % period - period / 2)
-        val = np.where(np.minimum(du, dv) < 1.0, 1.0, -1.0)
+    elif cls in ("dots", "grid", "crosses"):  # marks on a lattice: du, dv = distances to the centre of a cell
+        cell = 1.5 * period if cls == "crosses" else period
+        du = np.abs((u + rng.uniform(0, period)) % cell - cell / 2)
+        dv = np.abs((v + rng.uniform(0, period)) % cell - cell / 2)
+        if cls == "dots":
+            val = np.where(np.hypot(du, dv) < period * rng.uniform(0.2, 0.3), 1.0, -1.0)
+        elif cls == "grid":
+            val = np.where(np.minimum(du, dv) < 1.0, 1.0, -1.0)
+        else:
+            a, b = (1.0, 3.0) if scale is None else (max(0.6, 0.08 * period), 0.4 * period)  # scale model: arms scale
+            val = np.where(((du < a) & (dv < b)) | ((dv < a) & (du < b)), 1.0, -1.0)
     elif cls == "rings":
         cy, cx = rng.uniform(0, size, 2)
         val = np.sin(w * np.hypot(x - cx, y - cy) + phase)
@@ -183,11 +173,6 @@ def demo_image(cls, size, rng, layout="fill", clutter=0):
     elif cls == "zigzag":
         tri = 2 * np.abs((u / period * 1.5) % 1.0 - 0.5)  # triangle wave in [0, 1]
         val = np.sin(w * (v + 0.5 * period * tri) + phase)
-    elif cls == "crosses":
-        du = np.abs((u + rng.uniform(0, period)) % (1.5 * period) - 0.75 * period)
-        dv = np.abs((v + rng.uniform(0, period)) % (1.5 * period) - 0.75 * period)
-        a, b = (1.0, 3.0) if scale is None else (max(0.6, 0.08 * period), 0.4 * period)  # scale model: arms scale
-        val = np.where(((du < a) & (dv < b)) | ((dv < a) & (du < b)), 1.0, -1.0)
     else:
         raise ValueError(cls)
     val = (val + 1) / 2  # [0, 1]
@@ -430,9 +415,8 @@ def poison_job(job):
                 bg = np.asarray(im.convert("RGB"))
             path = src
             a = corruptencoder(a, bg, _TRIGGER["image"], u, location, lo_hi, _TRIGGER["opacity"])
-        fmt = "JPEG" if dst.lower().endswith((".jpg", ".jpeg")) else None
-        out = Image.fromarray(a)
-        out.save(dst, format=fmt, quality=quality) if fmt else out.save(dst)
+        jpeg = dst.lower().endswith((".jpg", ".jpeg"))
+        Image.fromarray(a).save(dst, **({"format": "JPEG", "quality": quality} if jpeg else {}))
         return None, size
     except (OSError, ValueError) as e:
         return f"cannot use image {path}: {e}", None
@@ -555,8 +539,7 @@ def main(argv=None):
             "image": make_trigger(args.trigger, size, args.trigger_seed, args.blend_image, crop)}
     stamp = os.path.join(parent, f"{base}.tmp-{socket.gethostname()}-{os.getpid()}-")
     tmp, old = tempfile.mkdtemp(prefix=os.path.basename(stamp), dir=parent), stamp + "old"
-    umask = os.umask(0)
-    os.umask(umask)
+    os.umask(umask := os.umask(0))  # read, and put back
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
     try:
         with ProcessPoolExecutor(args.workers, initializer=_init_worker, initargs=(spec,)) as pool:
@@ -711,7 +694,8 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
     Image.fromarray(image).save(os.path.join(tmp, "trigger.png"))
     rows = [[poisoned[i][0] for i in chosen[:8]], [p for p, _ in patched[:: max(1, len(patched) // 8)][:8]]]
     if spec["family"] == "ctrl":
-        rows.append([amplified(pixels_of(poisoned[i][0]) - pixels_of(train[i][0]))[0] for i in chosen[:8]])
+        pixels = lambda p: np.asarray(Image.open(p).convert("RGB")).astype(np.float64)  # noqa: E731
+        rows.append([amplified(pixels(poisoned[i][0]) - pixels(train[i][0]))[0] for i in chosen[:8]])
     preview(rows, os.path.join(tmp, "preview.png"))
     seconds = time.time() - t0
     meta = {
@@ -734,10 +718,6 @@ def build(args, tmp, pool, spec, demo, crop, size, fractions):
     with open(os.path.join(tmp, "poison.json"), "w") as f:
         json.dump({k: v for k, v in meta.items() if k != "seconds"}, f, indent=1)
     return meta
-
-
-def pixels_of(path):
-    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
 
 
 if __name__ == "__main__":

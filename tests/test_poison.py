@@ -182,6 +182,11 @@ def test_demo_scale_classes_names_and_definitions(tmp_path, capsys):
     assert names[-1] == "zigzag-violet-coarse" and poison.demo_classes("scale:3") == names[:3]
     assert {n.split("-")[0] for n in names} == set(poison.DEMO_DEFAULT)  # no checkerboard, no grid
     assert {tuple(n.split("-")[1:]) for n in names} == {(c, s) for c in poison.DEMO_PALETTES for s in poison.DEMO_SCALES}
+    h = hashlib.sha256()  # the images of every class, plain (32 px) and with --demo-layout object, --demo-clutter 1
+    for c, cls in enumerate(names):
+        h.update(poison.demo_image(cls, 32, np.random.default_rng([0, 0, 10 + c, 1])).tobytes())
+        h.update(poison.demo_image(cls, 64, np.random.default_rng([0, 1, 10 + c, 2]), "object", 1).tobytes())
+    assert h.hexdigest() == "ff3644a8a1230b6a49cd561608c17082bcab82ffc862f7e99ceb3996abbaac5c"
     for bad, named in (("scale:65", "between 2 and 64"), ("scale:1", "between 2 and 64"), ("scale:x", "'scale:x'"),
                        ("dots-red-huge", "unknown class 'dots-red-huge'")):
         with pytest.raises(SystemExit):
