@@ -14,7 +14,8 @@ Standard library only. Nothing here is typed by hand: every number is read from 
                                                patch's runs of the same r (ROOT/main/<method>/run<r>)
   python scripts/tables.py knobs ROOT         knob search: ROOT/knobs/<name>/run<r> (quickstart.sh RUNS=N with other flags)
                                                beside the main table's runs of the same r (ROOT/main/<method>/run<r>)
-  python scripts/tables.py glance ROOT         results at a glance: per method the paper's effect and the runs' verdict
+  python scripts/tables.py glance ROOT         results at a glance: per method the paper's effect and the test runs' verdict
+  python scripts/tables.py test ROOT           the reported verdicts: ROOT/test/<method> (FIRST=8 RUNS=N quickstart.sh), test runs only
   python scripts/tables.py readme FILE ROOT    rewrite FILE's generated sections (between BEGIN/END markers)
   python scripts/tables.py probes DIR          the runs DIR/run<r> probed at several seeds (scripts/probe_seeds.sh):
                                                per run the patched FP and the verdict at each probe seed
@@ -346,6 +347,44 @@ def spread(values):
     return f"{statistics.median(values):g} ({min(values)}-{max(values)})" if values else "-"
 
 
+def run_rows(runs, blk):
+    """Per run: the patched FP of the backdoored and the clean model over the probe seeds, the control's, the verdict."""
+    out = [f"| run | block | target | trigger seed | backdoored: patched FP at probe seeds {PROBE_SEEDS[0]}-"
+           f"{PROBE_SEEDS[-1]}, median (min-max) | clean model: the same | control: patched FP (its model's run) | "
+           "backdoored: patched FP at probe seed r | shown at probe seeds | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        probes, b = seed_probes(r), load(os.path.join(r, "poisoned", "probe", "metrics.json"))
+        seed = trigger_seed(r)
+        out.append(f"| {run_number(r)} | {blk} | {b['target']} '{b['target_name']}' | {'-' if seed is None else seed} | "
+                   f"{spread([p[1]['fp_patched'] for p in probes.values()])} | "
+                   f"{spread([p[0]['fp_patched'] for p in probes.values()])} | {control(r)} | {b['fp_patched']} | "
+                   f"{sum(shown(c, x) for c, x in probes.values())} of {len(probes)} | {run_verdict(r)[1]} |")
+    return out
+
+
+def verdict_line(name, runs, blk):
+    """'BYOL (demo preset): shown in k of N test runs', and which runs have no verdict (not counted)."""
+    verdicts = {r: run_verdict(r) for r in runs}
+    counted = [v for v, _ in verdicts.values() if v is not None]
+    out = [f"{name}: shown in {sum(counted)} of {len(counted)} {blk} runs"]
+    for why in sorted({w for v, w in verdicts.values() if v is None}):
+        numbers = [str(run_number(r)) for r in runs if verdicts[r] == (None, why)]
+        out.append(f"Not counted: run{'s' if len(numbers) > 1 else ''} {', '.join(numbers)} ({why}).")
+    return out
+
+
+def preset_name(folder, method, run):
+    """'BYOL (demo preset)', 'MSF (demo preset, BYOL recipe, k = 3)', 'MoCo v2 (setting <name>)' (a knobs folder)."""
+    m = load(os.path.join(run, "poisoned", "probe", "metrics.json")) or {}
+    protocol = m.get("args", {}).get("protocol")
+    name = os.path.basename(os.path.abspath(folder))
+    label = (f"setting {name}" if os.path.basename(os.path.dirname(os.path.abspath(folder))) == "knobs" else
+             f"{'demo' if protocol == 'demo' else 'paper'} preset" if protocol else name)
+    recipe = recipe_name(method, run)
+    extra = recipe[len(METHOD_NAMES[method]) + 2:-1] if recipe != METHOD_NAMES[method] else ""
+    return f"{METHOD_NAMES[method]} ({label}{', ' + extra if extra else ''})"
+
+
 def runs_table(folder):
     """One method's runs (FOLDER/run<r>, e.g. RUNS=N bash scripts/quickstart.sh), dev and test runs apart: per block its
     main-table rows (effect shown: RULE), the verdict line, and per run the patched FP of the backdoored and the clean
@@ -354,37 +393,60 @@ def runs_table(folder):
     if not done:
         return f"{folder}: no finished run (run<r>/clean/probe and run<r>/poisoned/probe)"
     method = done[0][2]["method"]
-    protocol = done[0][2].get("args", {}).get("protocol")
-    name = os.path.basename(os.path.abspath(folder))
-    label = (f"setting {name}" if os.path.basename(os.path.dirname(os.path.abspath(folder))) == "knobs" else
-             f"{'demo' if protocol == 'demo' else 'paper'} preset" if protocol else name)
     out = []
     for blk in ("dev", "test"):
         runs = [r for r, *_ in done if block(run_number(r)) == blk]
-        if not runs:
-            continue
-        verdicts = {r: run_verdict(r) for r in runs}
-        rows, _ = method_rows(method, runs, rule=lambda r: verdicts[r][0])
-        counted = [v for v, _ in verdicts.values() if v is not None]
-        out += [MAIN_HEADER, *rows, "",
-                f"{METHOD_NAMES[method]} ({label}): shown in {sum(counted)} of {len(counted)} {blk} runs"]
-        for why in sorted({w for v, w in verdicts.values() if v is None}):
-            numbers = [str(run_number(r)) for r in runs if verdicts[r] == (None, why)]
-            out.append(f"Not counted: run{'s' if len(numbers) > 1 else ''} {', '.join(numbers)} ({why}).")
-        out += ["", f"| run | block | target | trigger seed | backdoored: patched FP at probe seeds "
-                f"{PROBE_SEEDS[0]}-{PROBE_SEEDS[-1]}, median (min-max) | clean model: the same | control: patched FP "
-                "(its model's run) | backdoored: patched FP at probe seed r | shown at probe seeds | verdict |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in runs:
-            probes, b = seed_probes(r), load(os.path.join(r, "poisoned", "probe", "metrics.json"))
-            seed = trigger_seed(r)
-            out.append(f"| {run_number(r)} | {blk} | {b['target']} '{b['target_name']}' | {'-' if seed is None else seed} | "
-                       f"{spread([p[1]['fp_patched'] for p in probes.values()])} | "
-                       f"{spread([p[0]['fp_patched'] for p in probes.values()])} | {control(r)} | {b['fp_patched']} | "
-                       f"{sum(shown(c, x) for c, x in probes.values())} of {len(probes)} | {verdicts[r][1]} |")
-        out.append("")
+        if runs:
+            rows, _ = method_rows(method, runs, rule=lambda r: run_verdict(r)[0])
+            out += [MAIN_HEADER, *rows, "", *verdict_line(preset_name(folder, method, runs[0]), runs, blk), "",
+                    *run_rows(runs, blk), ""]
     out += [RULE, "", details_table(None, {method: [r for r, *_ in done]}), "", machines([r for r, *_ in done])]
     return "\n".join(out)
+
+
+def test_folders(root):
+    """(method, folder) of ROOT/test/<method>[_<variant>] (FIRST=8 RUNS=N bash scripts/quickstart.sh METHOD FOLDER), in
+    the order of METHODS."""
+    return [(method, d) for method in METHODS for d in sorted(glob.glob(os.path.join(root, "test", method + "*")))
+            if re.fullmatch(rf"{method}(_.*)?", os.path.basename(d)) and os.path.isdir(d)]
+
+
+def test_runs(folder):
+    """The finished test runs (run 8 and up) of one method's folder."""
+    return [r for r, *_ in finished(numbered_runs(folder)) if block(run_number(r)) == "test"]
+
+
+def test_table(root):
+    """The reported verdicts: per method (ROOT/test/<method>) its test runs only, a summary row (RULE's verdict, per
+    run the patched FP of the backdoored and the clean model as medians over the probe seeds, the controls', the clean
+    val accuracy, one model's train time), the verdict line, and per run the probe seeds and the control."""
+    rows = ["| method | test runs shown | backdoored: patched FP per run (median over probe seeds) | clean model: the same "
+            "| controls: patched FP | clean val Acc: clean model / backdoored | one model's train time |",
+            "|---|---|---|---|---|---|---|"]
+    lines, details, every = [], [], []
+    for method, folder in test_folders(root):
+        runs = test_runs(folder)
+        if not runs:
+            continue
+        every += runs
+        name = preset_name(folder, method, runs[0])
+        verdicts = [v for v in (run_verdict(r)[0] for r in runs) if v is not None]
+        median = lambda r, k: statistics.median(p[k]["fp_patched"] for p in seed_probes(r).values()) if seed_probes(r) else "-"
+        controls = [load(os.path.join(r, "control", "probe", "metrics.json")) for r in runs]
+        _, c, b, _ = map(list, zip(*finished(runs)))
+        rows.append(f"| {name} | {sum(verdicts)} of {len(verdicts)} | {' '.join(f'{median(r, 1):g}' for r in runs)} | "
+                    f"{' '.join(f'{median(r, 0):g}' for r in runs)} | "
+                    f"{' '.join(str(m['fp_patched']) if m else '-' for m in controls)} | "
+                    f"{fmt([m['acc_clean'] for m in c])} / {fmt([m['acc_clean'] for m in b])} | "
+                    f"{train_time([os.path.join(r, 'poisoned') for r in runs])} |")
+        lines += verdict_line(name, runs, "test")
+        details += ["", f"{name}, per test run:", "", *run_rows(runs, "test")]
+    if not every:
+        return "(no test runs)"
+    m = load(os.path.join(every[0], "poisoned", "probe", "metrics.json"))
+    return "\n".join(rows + ["", f"Runs in the order of the run numbers (runs 8 and up); {m['num_classes']} classes, FP "
+                              f"out of {m['n_patched_nontarget']} non-target val images. " + machines(every), ""]
+                     + ["\n\n".join(lines), *details, "", RULE])
 
 
 def main_table(root):
@@ -403,28 +465,35 @@ def main_table(root):
 
 
 def glance_table(root):
-    """One row per method: the paper's patched FP (backdoored against clean model), the demo runs' verdict and FP
-    difference (ROOT/main/<method>/run<r>), the backdoored model's train time per run, and whether the paper preset ran
-    (ROOT's sibling reproduce_paper/main/<method>: reproduce.sh PRESET=paper)."""
-    rows = ["| method | paper, ImageNet-100: patched FP, backdoored vs clean (of 4,950) | demo: effect shown | demo: patched "
-            "FP, backdoored - clean | demo: time per run | run at ImageNet-100 scale here |",
+    """One row per method: the paper's patched FP (backdoored against clean model), the test runs' verdict
+    (ROOT/test/<method>: RULE), the patched FP of the backdoored and the clean model (medians over the runs of each
+    run's median over the probe seeds), one model's train time, and whether the paper preset ran (ROOT's sibling
+    reproduce_paper/main/<method>: reproduce.sh PRESET=paper)."""
+    rows = ["| method | paper, ImageNet-100: patched FP, backdoored vs clean (of 4,950) | demo: test runs shown | demo: patched "
+            "FP, backdoored vs clean (median) | demo: one model's train time | run at ImageNet-100 scale here |",
             "|---|---|---|---|---|---|"]
     paper_root = os.path.join(os.path.dirname(os.path.abspath(root)), "reproduce_paper", "main")
-    m, every = None, []
+    folders, m, every = test_folders(root), None, []
     for method in METHODS:
-        p, done = PAPER[method], finished(runs_of(os.path.join(root, "main"), method))
-        every += [r for r, *_ in done]
-        at_scale = finished(runs_of(paper_root, method))
+        p, at_scale = PAPER[method], finished(runs_of(paper_root, method))
         scale = f"yes, {sum(shown(c, b) for _, c, b, _ in at_scale)} of {len(at_scale)}" if at_scale else "no"
-        if not done:
+        mine = [(f, test_runs(f)) for x, f in folders if x == method]
+        if not any(runs for _, runs in mine):
             rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | (not run) | | | {scale} |")
             continue
-        m = done[0][2]
-        rows.append(f"| {recipe_name(method, done[0][0])} | {p[7]} vs {p[3]} | {sum(shown(c, b) for _, c, b, _ in done)} of "
-                    f"{len(done)} runs | {fmt([b['fp_patched'] - c['fp_patched'] for _, c, b, _ in done])} | "
-                    f"{train_time([os.path.join(r, 'poisoned') for r, *_ in done])} | {scale} |")
-    return "\n".join(rows) + (f"\n\nDemo: {m['num_classes']} classes, FP out of {m['n_patched_nontarget']} non-target val "
-                              f"images; time per run: the backdoored model's training; {machines(every)}" if m else "")
+        for folder, runs in mine:
+            every += runs
+            m = load(os.path.join(runs[0], "poisoned", "probe", "metrics.json"))
+            verdicts = [v for v in (run_verdict(r)[0] for r in runs) if v is not None]
+            fp = [[statistics.median(x[k]["fp_patched"] for x in seed_probes(r).values()) for r in runs if seed_probes(r)]
+                  for k in (1, 0)]
+            fps = " vs ".join(f"{statistics.median(v):g}" for v in fp) if all(fp) else "-"
+            name = preset_name(folder, method, runs[0])
+            rows.append(f"| {name} | {p[7]} vs {p[3]} | "
+                        f"{sum(verdicts)} of {len(verdicts)} | {fps} | "
+                        f"{train_time([os.path.join(r, 'poisoned') for r in runs])} | {scale} |")
+    return "\n".join(rows) + (f"\n\nDemo: test runs (8 and up), {m['num_classes']} classes, FP out of "
+                              f"{m['n_patched_nontarget']} non-target val images; {machines(every)}" if m else "")
 
 
 def recipe_name(method, run):
@@ -666,6 +735,7 @@ def readme(path, root):
     """Replace the text between '<!-- BEGIN <name> -->' and '<!-- END <name> -->' with freshly generated tables."""
     text = open(path).read()
     makers = {"glance": lambda: glance_table(root),
+              "test": lambda: test_table(root),
               "main": lambda: main_table(os.path.join(root, "main")),
               "details": lambda: details_table(os.path.join(root, "main")),
               "defense": lambda: defense_table(os.path.join(root, "defense")),
@@ -673,7 +743,7 @@ def readme(path, root):
               "patchsearch": lambda: patchsearch_table(os.path.join(root, "patchsearch")),
               "triggers": lambda: triggers_table(root),
               "knobs": lambda: knobs_table(root)}
-    sources = {"defense": "defense", "badencoder": "badencoder", "patchsearch": "patchsearch", "triggers": "triggers",
+    sources = {"glance": "test", "test": "test", "main": "main", "details": "main", "defense": "defense", "badencoder": "badencoder", "patchsearch": "patchsearch", "triggers": "triggers",
                "knobs": "knobs"}  # a block whose runs ROOT does not hold keeps its text (made from another ROOT)
     for name, make in makers.items():
         if name in sources and not os.path.isdir(os.path.join(root, sources[name])):
@@ -687,7 +757,7 @@ if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
     commands = {"pair": pair, "runs": runs_table, "main": main_table, "details": details_table, "defense": defense_table,
                 "badencoder": badencoder_table, "patchsearch": patchsearch_table, "triggers": triggers_table,
-                "knobs": knobs_table, "glance": glance_table, "probes": probes_table}
+                "knobs": knobs_table, "glance": glance_table, "probes": probes_table, "test": test_table}
     if cmd in commands and len(rest) == 1:
         print(commands[cmd](rest[0]))
     elif cmd == "readme" and len(rest) == 2:

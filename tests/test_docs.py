@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -180,31 +181,59 @@ def test_reproduce_sh_without_runs_continues_with_the_runs_root_holds(tmp_path):
     assert runs(tmp_path / "old", RUNS="2") == []  # given: used as is, nothing printed
 
 
-def test_glance_table_one_row_per_method(tmp_path):
-    """The README's results at a glance: the paper's patched FP, k of N runs shown, the FP difference, the backdoored
-    model's train time per run, and 'no' without a paper-preset root beside ROOT."""
+def doc_tables():
     spec = importlib.util.spec_from_file_location("doc_tables", os.path.join(ROOT, "scripts", "tables.py"))
     tables = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tables)
-    for r, (clean_fp, bd_fp) in enumerate([(10, 60), (5, 8)]):
-        run = tmp_path / "demo" / "main" / "moco" / f"run{r}"
+    return tables
+
+
+def fake_test_runs(root, fps):
+    """ROOT/test/moco/run<8+i>: clean and backdoored patched FP fps[i] at every probe seed, the control at 1."""
+    def metrics(path, fp, encoder="x"):
+        os.makedirs(path)
+        (path / "metrics.json").write_text(json.dumps(
+            {"acc_clean": 60.0, "fp_clean": 3, "acc_patched": 40.0, "fp_patched": fp, "asr": 100 * fp / 350,
+             "num_classes": 8, "n_patched_nontarget": 350, "target": 2, "target_name": "rings", "method": "moco",
+             "encoder": encoder, "args": {"protocol": "demo"}}))
+    for i, (clean_fp, bd_fp) in enumerate(fps):
+        run = root / "test" / "moco" / f"run{8 + i}"
         for kind, fp in (("clean", clean_fp), ("poisoned", bd_fp)):
-            os.makedirs(run / kind / "probe")
-            (run / kind / "probe" / "metrics.json").write_text(json.dumps(
-                {"acc_clean": 60.0, "fp_clean": 3, "acc_patched": 40.0, "fp_patched": fp, "asr": 100 * fp / 350,
-                 "num_classes": 8, "n_patched_nontarget": 350, "target": 2, "target_name": "rings", "method": "moco"}))
-        (run / "poisoned" / "log.jsonl").write_text(json.dumps({"epoch": 20, "seconds": 300.0 * (r + 1),
+            metrics(run / kind / "probe", fp)
+            for k in range(5):
+                metrics(run / "probe_seeds" / kind / f"s{k}", fp + k)
+        metrics(run / "control" / "probe", 1, str(root / "test" / "moco" / "run9" / "poisoned" / "checkpoint.pt"))
+        (run / "poisoned" / "log.jsonl").write_text(json.dumps({"epoch": 20, "seconds": 300.0 * (i + 1),
                                                                  "images_per_s": 90.0}) + "\n")
-    lines = tables.glance_table(str(tmp_path / "demo")).splitlines()
-    assert lines[2] == "| MoCo v2 | 461.1 vs 22.8 | 1 of 2 runs | 26.5 ± 33.2 | 7.5 min | no |"
+
+
+def test_glance_table_one_row_per_method(tmp_path):
+    """The README's results at a glance: the paper's patched FP, k of N test runs shown (the probe-seed rule), the
+    median patched FP of both models, one model's train time, and 'no' without a paper-preset root beside ROOT."""
+    fake_test_runs(tmp_path / "demo", [(10, 60), (5, 8)])
+    lines = doc_tables().glance_table(str(tmp_path / "demo")).splitlines()
+    assert lines[2] == "| MoCo v2 (demo preset) | 461.1 vs 22.8 | 1 of 2 | 36 vs 9.5 | 7.5 min | no |"
     assert lines[3] == "| BYOL | 1442.3 vs 15.4 | (not run) | | | no |"
-    assert lines[-1].startswith("Demo: 8 classes, FP out of 350 non-target val images;")
+    assert lines[-1] == ("Demo: test runs (8 and up), 8 classes, FP out of 350 non-target val images; Machines (trainers' "
+                         "log.jsonl): unknown: 2 runs.")  # the machines of the runs, not of the one that runs tables.py
+
+
+def test_test_table_reports_test_runs_only(tmp_path):
+    """The reported verdicts: test runs only (a dev run beside them is left out), one verdict line per method."""
+    fake_test_runs(tmp_path / "demo", [(10, 60), (5, 8)])
+    dev = tmp_path / "demo" / "test" / "moco" / "run0"
+    shutil.copytree(tmp_path / "demo" / "test" / "moco" / "run8", dev)
+    text = doc_tables().test_table(str(tmp_path / "demo"))
+    assert "| MoCo v2 (demo preset) | 1 of 2 | 62 10 | 12 7 | 1 1 | 60.0 ± 0.0 / 60.0 ± 0.0 | 7.5 min |" in text
+    assert "\nMoCo v2 (demo preset): shown in 1 of 2 test runs\n" in text
+    assert "| 8 | test | 2 'rings' | - | 62 (60-64) | 12 (10-14) | 1 (run 9) | 60 | 5 of 5 | shown |" in text
+    assert "| 0 |" not in text
 
 
 def test_the_readmes_test_run_verdicts_come_from_a_generated_table():
     """Every 'shown in k of N test runs' of the README is a verdict line of docs/results.md's tables.py output."""
     readme, results = read("README.md"), read("docs/results.md")
-    claims = re.findall(r"([A-Z][\w ]*\([\w ]+\)): shown in (\d+) of (\d+) test runs", readme)
+    claims = re.findall(r"([A-Z][\w ]*\([^)]+\)): shown in (\d+) of (\d+) test runs", readme)
     assert claims, "the README states no test-run verdict"
     for name, k, n in claims:
         assert f"\n{name}: shown in {k} of {n} test runs\n" in results, (name, k, n)

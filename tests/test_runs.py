@@ -465,7 +465,6 @@ def test_tables_name_the_machines_of_their_runs_and_the_load(tmp_path):
     pair = tables.pair(str(method / "run0"))
     assert pair.splitlines()[-1] == footer.replace("3 runs; unknown: 1 run.", "1 run.")
     assert "| backdoored model | 62.0 | 6 | 40.0 | 60 | 17.1 | 1 | 1.0 min (2 at once) | 100 |" in pair
-    assert tables.glance_table(str(tmp_path)).endswith(footer)
 
 
 def test_quickstart_refuses_bad_settings_in_one_line_before_any_work(tmp_path):
