@@ -76,8 +76,8 @@ def parse_args(argv=None):
                    "'source' (JPEG at --jpeg-quality) or 'png'; 'auto': source for patches, else png")
     p.add_argument("--jpeg-quality", type=int, default=75, help="quality of re-encoded JPEG poisons (PIL's default 75, as in the reference)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes for image work")
-    p.add_argument("--demo-classes", default=",".join(DEMO_DEFAULT), help="demo: class names (default: the "
-                   "textures unlike the checkered trigger), N (the first N of all 10), scale:N (of the 64 scale-model ones)")
+    p.add_argument("--demo-classes", default=",".join(DEMO_DEFAULT), help="demo: class names (default: the textures "
+                   "unlike the checkered trigger), N (the first N of all 10), scale:N (of the 64 scale-model ones)")
     p.add_argument("--demo-train-per-class", type=int, default=300, help="demo: train images per class")
     p.add_argument("--demo-val-per-class", type=int, default=50, help="demo: val images per class")
     p.add_argument("--demo-size", type=int, default=64, help="demo: image side in pixels")
