@@ -473,7 +473,7 @@ def glance_table(root):
             "FP, backdoored vs clean (median) | demo: one model's train time | run at ImageNet-100 scale here |",
             "|---|---|---|---|---|---|"]
     paper_root = os.path.join(os.path.dirname(os.path.abspath(root)), "reproduce_paper", "main")
-    folders, m, every = test_folders(root), None, []
+    folders, m, every, lines = test_folders(root), None, [], []
     for method in METHODS:
         p, at_scale = PAPER[method], finished(runs_of(paper_root, method))
         scale = f"yes, {sum(shown(c, b) for _, c, b, _ in at_scale)} of {len(at_scale)}" if at_scale else "no"
@@ -489,10 +489,12 @@ def glance_table(root):
                   for k in (1, 0)]
             fps = " vs ".join(f"{statistics.median(v):g}" for v in fp) if all(fp) else "-"
             name = preset_name(folder, method, runs[0])
+            lines += verdict_line(name, runs, "test")
             rows.append(f"| {name} | {p[7]} vs {p[3]} | "
                         f"{sum(verdicts)} of {len(verdicts)} | {fps} | "
                         f"{train_time([os.path.join(r, 'poisoned') for r in runs])} | {scale} |")
-    return "\n".join(rows) + (f"\n\nDemo: test runs (8 and up), {m['num_classes']} classes, FP out of "
+    return "\n".join(rows) + "".join(f"\n\n{line}" for line in lines) + (
+        f"\n\nDemo: test runs (8 and up), {m['num_classes']} classes, FP out of "
                               f"{m['n_patched_nontarget']} non-target val images; {machines(every)}" if m else "")
 
 

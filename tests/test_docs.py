@@ -214,6 +214,7 @@ def test_glance_table_one_row_per_method(tmp_path):
     lines = doc_tables().glance_table(str(tmp_path / "demo")).splitlines()
     assert lines[2] == "| MoCo v2 (demo preset) | 461.1 vs 22.8 | 1 of 2 | 36 vs 9.5 | 7.5 min | no |"
     assert lines[3] == "| BYOL | 1442.3 vs 15.4 | (not run) | | | no |"
+    assert "MoCo v2 (demo preset): shown in 1 of 2 test runs" in lines  # the verdict line, for the README's prose
     assert lines[-1] == ("Demo: test runs (8 and up), 8 classes, FP out of 350 non-target val images; Machines (trainers' "
                          "log.jsonl): unknown: 2 runs.")  # the machines of the runs, not of the one that runs tables.py
 
@@ -237,3 +238,16 @@ def test_the_readmes_test_run_verdicts_come_from_a_generated_table():
     assert claims, "the README states no test-run verdict"
     for name, k, n in claims:
         assert f"\n{name}: shown in {k} of {n} test runs\n" in results, (name, k, n)
+
+
+def test_the_readmes_result_figures_come_from_generated_blocks():
+    """Every decimal figure in the README's results prose (outside its tables and generated blocks) stands in a block
+    that scripts/tables.py writes (between BEGIN/END markers) in README.md or docs/*.md: no figure typed by hand."""
+    readme = read("README.md")
+    section = readme[readme.index("## Results at a glance"):readme.index("## Install, run, test")]
+    blocks = "\n".join(b for doc in DOCS for b in re.findall(r"<!-- BEGIN \w+ -->\n(.*?)<!-- END \w+ -->", read(doc), re.S))
+    prose = "\n".join(line for line in re.sub(r"<!-- BEGIN \w+ -->.*?<!-- END \w+ -->", "", section, flags=re.S).splitlines()
+                      if not line.startswith("|"))
+    figures = re.findall(r"\d+\.\d+(?: ± \d+\.\d+)?", prose)
+    assert figures, "the check reads no figure"
+    assert [f for f in figures if f not in blocks] == []
