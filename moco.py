@@ -2,10 +2,8 @@
 
 Papers: MoCo v2 https://arxiv.org/abs/2003.04297 (MoCo https://arxiv.org/abs/1911.05722); the attack paper
 https://arxiv.org/abs/2105.10123. Reference code: UMBCvision/SSL-Backdoor moco/ (a fork of facebookresearch/moco).
-
-Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (docs/formats.md: the query backbone with torchvision key names, plus the training state for --resume)
-and log.jsonl (one JSON record per epoch).
+Consumes a file list (labels ignored). Produces, in `--out`, checkpoint.pt (docs/formats.md: the query backbone, plus
+the training state for --resume) and log.jsonl (one record per epoch).
 Recipe (defaults = the paper's ImageNet-100 run): ResNet-18, MLP head 512-512-128 without BN, queue K = 65,536,
 tau = 0.2, key momentum m = 0.999 (parameters only), SGD lr 0.06 momentum 0.9 wd 1e-4 (on every parameter),
 batch 256, 200 epochs, per-epoch cosine without warmup, "aug-plus" views.
@@ -51,18 +49,16 @@ def parse_args(argv=None):
     p.add_argument("--m", type=float, default=0.999, help="key encoder momentum")
     p.add_argument("--tau", type=float, default=0.2, help="softmax temperature of InfoNCE")
     p.add_argument("--bn-splits", type=int, default=2, help="one process: chunks of the shuffled key batch (shuffle BN)")
-    p.add_argument("--bn-batch", type=int, default=128, help="queries: BN statistics over chunks of at most this many "
-                   "images per process (the reference's per-GPU batch: 256 on 2 GPUs)")
+    p.add_argument("--bn-batch", type=int, default=128, help="query BN over chunks of at most this many images")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
@@ -70,8 +66,7 @@ def parse_args(argv=None):
 
 
 class TwoViews:
-    """The host half of the augmentation: a batch of uint8 images -> two views of each, every view a (uint8 crop, its
-    colour parameters), from each image's seeded uniforms (FileList.__getitems__)."""
+    """A batch of uint8 images -> two views of each, every view a (uint8 crop, its colour parameters)."""
 
     def __init__(self, geometry, photometric):
         self.geometry, self.photometric = geometry, photometric
@@ -86,8 +81,7 @@ class TwoViews:
 
 
 def aug_plus(size):
-    """MoCo v2's aug-plus: crop and flip on uint8 in the loader; colour jitter (p 0.8), grayscale (p 0.2) and blur
-    (p 0.5) batched on the device. The flip commutes with the colour ops, so the reference's order is kept."""
+    """MoCo v2's aug-plus: crop and flip in the loader; jitter (p 0.8), grayscale (p 0.2), blur (p 0.5) on device."""
     s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
     return ResizedCrop(size, scale=(0.2, 1.0)), Photometric(p_gray=0.2, sigma=(0.1 * s, 2.0 * s))
 
@@ -152,10 +146,9 @@ def main(argv=None):
         raise InputError(f"--queue-size {args.queue_size} must be divisible by the global batch size {args.batch_size}")
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits, args.bn_batch)
-    model = model.to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
-    model = model.to(memory_format=memory_format)
+    model = MoCo(args.arch, arch_kwargs, args.dim, args.queue_size, args.m, args.tau, args.bn_splits, args.bn_batch)
+    model = model.to(device).to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
@@ -177,8 +170,7 @@ def main(argv=None):
     records = []  # logged once a checkpoint holds their epochs
     if rank == 0:
         print(f"moco.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
-              f"shuffle BN: {shuffle_bn}")
-        print(f"moco.py: {cache}")
+              f"shuffle BN: {shuffle_bn}\nmoco.py: {cache}")
 
     for epoch in range(start, args.epochs):
         lr = args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))  # per-epoch cosine, no warmup
