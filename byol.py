@@ -2,10 +2,8 @@
 
 Papers: BYOL https://arxiv.org/abs/2006.07733; the attack paper https://arxiv.org/abs/2105.10123. Reference code:
 UMBCvision/SSL-Backdoor byol/ (a fork of htdt/self-supervised). The recipe is that code's, not the BYOL paper's.
-
-Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (docs/formats.md: the online backbone with torchvision key names, plus the training state for --resume)
-and log.jsonl (one JSON record per epoch).
+Consumes a file list (labels ignored). Produces, in `--out`, checkpoint.pt (docs/formats.md: the online backbone, plus
+the training state for --resume) and log.jsonl (one record per epoch).
 Recipe (defaults = the paper's ImageNet-100 run): ResNet-18, projector 512-1024(BN, ReLU)-128, predictor
 128-1024(BN, ReLU)-128; target = EMA of the online backbone + projector (parameters only), tau from 0.99 to 1 on a
 cosine over epochs, updated every iteration; loss 2 - 2cos, symmetrised over the two views; Adam lr 2e-3, wd 1e-6
@@ -50,24 +48,20 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (after the warmup, before the drops)")
     p.add_argument("--weight-decay", type=float, default=1e-6, help="Adam L2 weight decay (all parameters, as reference)")
     p.add_argument("--warmup-iters", type=int, default=500, help="linear lr warmup over the first N iterations (0: off)")
-    p.add_argument("--drop", type=int, nargs="*", default=[50, 25], help="lr x0.2 at these numbers of epochs before the "
-                   "end (a drop at epoch <= 0 never happens, as in the reference)")
+    p.add_argument("--drop", type=int, nargs="*", default=[50, 25], help="lr x0.2 at these epochs before the end")
     p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
-    p.add_argument("--bn-batch", type=int, default=128, help="backbone BN statistics over chunks of at most this many "
-                   "images per process (the reference's per-GPU batch: 512 on 4 GPUs with DataParallel); the heads "
-                   "see the whole view, as there")
+    p.add_argument("--bn-batch", type=int, default=128, help="backbone BN over chunks of at most this many images")
     p.add_argument("--tau-base", type=float, default=0.99, help="target EMA rate at epoch 0 (cosine to 1 at the end)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
@@ -75,8 +69,7 @@ def parse_args(argv=None):
 
 
 class TwoViews:
-    """The host half of the augmentation: a batch of uint8 images -> two views of each, every view a (uint8 crop, its
-    colour parameters), from each image's seeded uniforms (FileList.__getitems__)."""
+    """A batch of uint8 images -> two views of each, every view a (uint8 crop, its colour parameters)."""
 
     def __init__(self, geometry, photometric):
         self.geometry, self.photometric = geometry, photometric
@@ -91,8 +84,7 @@ class TwoViews:
 
 
 def byol_aug(size):
-    """The reference's one augmentation for both views: bicubic crop and flip on uint8 in the loader; colour jitter
-    (p 0.8), grayscale (p 0.1) and blur (p 0.5) batched on the device (the flip commutes with the colour ops)."""
+    """Both views: bicubic crop and flip in the loader; jitter (p 0.8), grayscale (p 0.1), blur (p 0.5) on device."""
     s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
     return ResizedCrop(size, scale=(0.2, 1.0), bicubic=True), Photometric(p_gray=0.1, sigma=(0.1 * s, 2.0 * s))
 
@@ -146,9 +138,8 @@ def main(argv=None):
     rank, world, device = setup(args, ("hidden", "dim", "bn_batch"), ("warmup_iters",), ("tau_base",))
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = BYOL(args.arch, arch_kwargs, args.hidden, args.dim).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
-    model = model.to(memory_format=memory_format)
+    model = BYOL(args.arch, arch_kwargs, args.hidden, args.dim).to(device).to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]  # online backbone, projector and predictor
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
