@@ -2,19 +2,16 @@
 
 Papers: Gidaris, Singh & Komodakis, "Unsupervised Representation Learning by Predicting Image Rotations", ICLR 2018,
 https://arxiv.org/abs/1803.07728; the attack paper https://arxiv.org/abs/2105.10123. Reference code:
-UMBCvision/SSL-Backdoor rotnet/ (a fork of gidariss/FeatureLearningRotNet).
-
-Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (docs/formats.md: the backbone with torchvision key names, plus the training state for --resume) and
-log.jsonl (one JSON record per epoch).
+UMBCvision/SSL-Backdoor rotnet/ (a fork of gidariss/FeatureLearningRotNet). Consumes a file list (labels ignored).
+Produces, in `--out`, checkpoint.pt (docs/formats.md: the backbone, plus the training state for --resume) and log.jsonl.
 Recipe (defaults = the paper's ImageNet-100 run): RandomResizedCrop (scale 0.08-1) + flip; every image enters the batch
 in its 4 rotations (0, 90, 180, 270 degrees counter-clockwise, labels 0-3), so a batch of 128 images is 512 samples
 whose BN statistics are shared; ResNet-18 + Linear(512, 4), cross-entropy; SGD momentum 0.9, wd 1e-4 on every
-parameter; lr 0.05 / 0.005 / 0.0005 / 0.00005 from epochs 0 / 30 / 60 / 90 (the reference's look-up table, written
-here as lr x0.1 at each of --milestones); 105 epochs.
-Deviations: the rotations are made on the device in the training step (the reference rotates numpy arrays in the
-loader, then normalises each copy; the per-channel normalisation commutes with rotation, so the samples are the same).
-No per-epoch validation of the pretext task; the log reports the training pretext accuracy instead.
+parameter; lr 0.05 / 0.005 / 0.0005 / 0.00005 from epochs 0 / 30 / 60 / 90 (the reference's table: x0.1 at each of
+--milestones); 105 epochs.
+Deviations: the rotations are made on the device (the reference rotates in the loader, then normalises each copy: the
+same samples, as normalisation commutes with rotation). No validation of the pretext task: the log has its training
+accuracy.
 """
 import argparse
 import json
@@ -46,21 +43,19 @@ def parse_args(argv=None):
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32-64 px images)")
     p.add_argument("--image-size", type=int, default=224, help="training crop size (also recorded for evaluation)")
     p.add_argument("--epochs", type=int, default=105, help="total epochs")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size in images, before the x4 rotations "
-                   "(split over processes)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size in images, before the x4 rotations")
     p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (x0.1 at each of --milestones)")
     p.add_argument("--milestones", type=int, nargs="*", default=[30, 60, 90], help="epochs where the lr drops x0.1")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all parameters, as the reference)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
@@ -68,8 +63,7 @@ def parse_args(argv=None):
 
 
 def rotations(x):
-    """(B, C, H, W) -> (4B, C, H, W): each image rotated by 0, 90, 180, 270 degrees counter-clockwise, its 4 copies
-    next to each other as in the reference's collate, and the labels 0, 1, 2, 3 = the number of quarter turns."""
+    """(B, C, H, W) -> (4B, C, H, W), each image's 4 counter-clockwise rotations side by side, and labels 0-3."""
     x4 = torch.stack([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)], dim=1).flatten(0, 1)
     return x4, torch.arange(4, device=x.device).repeat(len(x))
 
@@ -94,9 +88,8 @@ def main(argv=None):
     rank, world, device = setup(args)
     samples = read_list(args.train_list)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = RotNet(args.arch, arch_kwargs).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
-    model = model.to(memory_format=memory_format)
+    model = RotNet(args.arch, arch_kwargs).to(device).to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
@@ -106,8 +99,7 @@ def main(argv=None):
         set_rng_state(ckpt["train_state"]["rng"], args, rank, world, ckpt["epoch"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    augment = ResizedCrop(args.image_size)  # RandomResizedCrop + flip, uint8
-    data = FileList(samples, augment, args.seed)
+    data = FileList(samples, ResizedCrop(args.image_size), args.seed)  # RandomResizedCrop + flip, uint8
     cache = data.load(args.cache_images, args.cache_mib)  # checks every image; may decode them once
     loader, sampler = make_loader(data, args, rank, world, device)
     log(args, rank, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples), "cache": cache,
@@ -116,8 +108,7 @@ def main(argv=None):
     records = []  # logged once a checkpoint holds their epochs
     if rank == 0:
         print(f"rotnet.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
-              f"{4 * args.batch_size // world} rotated samples per process and step")
-        print(f"rotnet.py: {cache}")
+              f"{4 * args.batch_size // world} rotated samples per process and step\nrotnet.py: {cache}")
 
     for epoch in range(start, args.epochs):
         lr = step_lr(args.lr, epoch, args.milestones)
