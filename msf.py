@@ -2,22 +2,17 @@
 
 Papers: MSF https://arxiv.org/abs/2105.07269 (ICCV 2021); the attack paper https://arxiv.org/abs/2105.10123 (CVPR 2022).
 Reference code: UMBCvision/MSF train_msf.py, its README command and run_msf.sh (the attack paper shared only MSF
-models, not code, and neither repository says which MSF settings those models were trained with).
-
-Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (docs/formats.md: the online backbone with torchvision key names, plus the training state for --resume)
-and log.jsonl (one JSON record per epoch).
+models, not code or their settings). Consumes a file list (labels ignored). Produces, in `--out`, checkpoint.pt
+(docs/formats.md: the online backbone, plus the training state for --resume) and log.jsonl (one record per epoch).
 Recipe (defaults = train_msf.py's, with the lr 0.05 cosine and 200 epochs of its README command and run_msf.sh):
 ResNet-18, projector 512-1024(BN, ReLU)-128, predictor 128-1024(BN, ReLU)-128; target = EMA of the online backbone +
-projector (m = 0.99 constant, parameters only, applied before the target forward); a bank of L2-normalised target
-embeddings, to which the current targets of all processes are added BEFORE the search; loss = mean squared distance
-between the normalised online prediction and the k = 5 nearest neighbours of the TARGET embedding (the target itself is
-the first); not symmetrised. Target view weak (crop + flip), online view strong (MoCo v2 aug-plus): "weak/strong",
-train_msf.py's default and the README command's `--weak_strong`; run_msf.sh runs weak/weak (--augmentation). SGD lr 0.05
-momentum 0.9 wd 1e-4 (on every parameter), batch 256, 200 epochs, per-epoch cosine without warmup, k = 5 and bank
-1,024,000 (run_msf.sh). BN: train_msf.py wraps encoder, predictor and target in DataParallel, run on 4 GPUs (its
-README), so every BN layer sees 64 images; here chunks of --bn-batch (64) per process, the target batch shuffled in the
-batch first, as the reference.
+projector (m = 0.99 constant, parameters only, before the target forward); a bank of L2-normalised target embeddings,
+which the current targets of all processes join BEFORE the search; loss = mean squared distance between the normalised
+online prediction and the k = 5 nearest neighbours of the TARGET (itself the first); not symmetrised. Views: target weak
+(crop + flip), online strong (MoCo v2 aug-plus), train_msf.py's default and the README's `--weak_strong` (run_msf.sh:
+weak/weak). SGD lr 0.05 momentum 0.9 wd 1e-4 (every parameter), batch 256, 200 epochs, per-epoch cosine, no warmup,
+bank 1,024,000 (run_msf.sh). BN: the reference's DataParallel on 4 GPUs gives every BN layer 64 images; here chunks of
+--bn-batch (64) per process, the target batch shuffled first, as the reference.
 Deviations: the bank size is capped at the images of one epoch (whole global batches), since a bank larger than the
 data set fills the neighbours with stale copies of the same image; the log says so. No label bank and no purity
 diagnostic (labels are unknown to SSL). The blur sigma (0.1-2.0 at 224 px) scales with --image-size.
@@ -57,39 +52,29 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=200, help="total epochs")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over processes)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate (after the warmup; see --schedule)")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="cosine: per epoch, the "
-                   "reference's; constant: --lr throughout (after the warmup)")
-    p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warmup over the first N global iterations "
-                   "(0: none, the reference's)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd: the reference's, momentum 0.9; "
-                   "adam: Adam, with --weight-decay as L2")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"], help="per-epoch cosine, or constant")
+    p.add_argument("--warmup-iters", type=int, default=0, help="linear lr warmup over the first N global iterations")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="SGD momentum 0.9, or Adam (L2 decay)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (all parameters, as the reference)")
     p.add_argument("--dim", type=int, default=128, help="output dimension of the projector and the predictor")
     p.add_argument("--hidden", type=int, default=1024, help="hidden width of the projector and the predictor")
-    p.add_argument("--bank-size", type=int, default=1_024_000, help="K: memory bank size, divisible by the batch size; "
-                   "capped at the images of one epoch (a multiple of the batch size)")
+    p.add_argument("--bank-size", type=int, default=1_024_000, help="K: memory bank size (at most one epoch's images)")
     p.add_argument("--topk", type=int, default=5, help="k: nearest neighbours of the target, the prediction's targets")
     p.add_argument("--m", type=float, default=0.99, help="target encoder momentum (at epoch 0; see --m-schedule)")
-    p.add_argument("--m-schedule", default="constant", choices=["constant", "cosine"], help="constant: the "
-                   "reference's; cosine: rising from --m to 1 over the epochs, constant within one")
-    p.add_argument("--symmetric", action="store_true", help="also the reversed pair (online: the target view; target: "
-                   "the online view), the losses summed, both targets into the bank, as BYOL (not the reference's)")
-    p.add_argument("--bn-batch", type=int, default=64, help="BN statistics over chunks of at most this many images per "
-                   "process (the reference's per-GPU batch: 256 on 4 GPUs with DataParallel); the target batch is "
-                   "shuffled before its chunks, as the reference")
+    p.add_argument("--m-schedule", default="constant", choices=["constant", "cosine"], help="cosine: from --m to 1")
+    p.add_argument("--symmetric", action="store_true", help="also the reversed pair, the losses summed, as BYOL")
+    p.add_argument("--bn-batch", type=int, default=64, help="BN over chunks of at most this many images (per GPU)")
     p.add_argument("--augmentation", default="weak/strong", choices=[f"{t}/{o}" for t in VIEWS for o in VIEWS],
-                   help="target/online views: weak = crop + flip, strong = MoCo v2 aug-plus, byol = BYOL's views "
-                   "(bicubic crop, scale 0.2-1, aug-plus colour with grayscale p 0.1)")
+                   help="target/online views: weak = crop + flip, strong = MoCo v2 aug-plus, byol = BYOL's views")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
@@ -97,8 +82,7 @@ def parse_args(argv=None):
 
 
 class TwoViews:
-    """The host half of the augmentation: a batch of uint8 images -> (online view, target view) of each, every view a
-    (uint8 crop, its colour parameters), from each image's seeded uniforms (FileList.__getitems__)."""
+    """A batch of uint8 images -> (online view, target view) of each, every view a (uint8 crop, colour parameters)."""
 
     def __init__(self, online, target):
         self.online, self.target = online, target  # (geometry, Photometric) pairs
@@ -113,17 +97,14 @@ class TwoViews:
 
 
 def strong_aug(size):
-    """MoCo v2's aug-plus: crop and flip on uint8 in the loader; colour jitter (p 0.8), grayscale (p 0.2) and blur
-    (p 0.5) batched on the device (the flip commutes with the colour ops)."""
+    """MoCo v2's aug-plus: crop and flip in the loader; jitter (p 0.8), grayscale (p 0.2), blur (p 0.5) on device."""
     s = size / 224  # blur sigma 0.1-2.0 at 224 px, scaled to the image size
-    geometry = ResizedCrop(size, scale=(0.2, 1.0))
-    return geometry, Photometric(p_gray=0.2, sigma=(0.1 * s, 2.0 * s))
+    return ResizedCrop(size, scale=(0.2, 1.0)), Photometric(p_gray=0.2, sigma=(0.1 * s, 2.0 * s))
 
 
 def weak_aug(size):
     """Crop and flip only: the colour half applies nothing."""
-    geometry = ResizedCrop(size, scale=(0.2, 1.0))
-    return geometry, Photometric(p_jitter=0, p_gray=0, p_blur=0, sigma=(0.0, 0.0))
+    return ResizedCrop(size, scale=(0.2, 1.0)), Photometric(p_jitter=0, p_gray=0, p_blur=0, sigma=(0.0, 0.0))
 
 
 def byol_aug(size):
@@ -215,10 +196,9 @@ def main(argv=None):
         raise InputError(f"--bank-size {args.bank_size} must be divisible by the global batch size {args.batch_size}")
     K = min(args.bank_size, per_epoch)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk, args.bn_batch,
-                args.symmetric).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
-    model = model.to(memory_format=memory_format)
+    model = MSF(args.arch, arch_kwargs, args.hidden, args.dim, K, args.m, args.topk, args.bn_batch, args.symmetric)
+    model = model.to(device).to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -234,8 +214,7 @@ def main(argv=None):
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     target_aug, online_aug = (VIEWS[a] for a in args.augmentation.split("/"))
     online, target = online_aug(args.image_size), target_aug(args.image_size)
-    views = TwoViews(online, target)
-    data = FileList(samples, views, args.seed)
+    data = FileList(samples, TwoViews(online, target), args.seed)
     cache = data.load(args.cache_images, args.cache_mib)  # checks every image; may decode them once
     loader, sampler = make_loader(data, args, rank, world, device)
     bank = f"{K}" if K == args.bank_size else f"{K} (--bank-size {args.bank_size} capped at one epoch's {per_epoch} images)"
@@ -245,8 +224,8 @@ def main(argv=None):
                      f"{args.batch_size // world} images per process (target batch shuffled first)"}, new=not args.resume)
     records = []  # logged once a checkpoint holds their epochs
     if rank == 0:
-        print(f"msf.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, bank {bank}")
-        print(f"msf.py: {cache}")
+        print(f"msf.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, bank {bank}"
+              f"\nmsf.py: {cache}")
 
     for epoch in range(start, args.epochs):
         model.m = target_momentum(epoch, args)
