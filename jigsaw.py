@@ -3,10 +3,9 @@
 Papers: Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles", ECCV 2016,
 https://arxiv.org/abs/1603.09246; the attack paper https://arxiv.org/abs/2105.10123. Reference code:
 UMBCvision/SSL-Backdoor jigsaw/ (its own PyTorch port of Noroozi & Favaro's CFN with a ResNet-18 trunk).
-
-Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (docs/formats.md: the trunk with torchvision key names, evaluated on full `--image-size` images as the
-reference does; "perms" = the permutation set; the training state for --resume) and log.jsonl (one record per epoch).
+Consumes a file list (labels ignored). Produces, in `--out`, checkpoint.pt (docs/formats.md: the trunk, evaluated on
+full `--image-size` images as the reference does; "perms" = the permutation set; the training state for --resume) and
+log.jsonl (one record per epoch).
 Recipe (defaults = the paper's ImageNet-100 run): Resize 256 -> RandomCrop 255 -> 3x3 cells of 85 px -> a random 64 px
 tile per cell; grayscale with p 0.5, else a fixed colour projection with p 0.5; tile k goes to slot perm[k] of one of
 2,000 permutations (maximal average Hamming distance), the label is the permutation's index. One ResNet-18 trunk runs
@@ -17,8 +16,7 @@ Deviations: sizes scale with --image-size: resize = round(s * 256 / 224), cell =
 tile = round(cell * 64 / 85), tile offsets 0..cell-tile-1 (256/255/85/64/0..20 at 224; 37/36/12/9/0..2 at 32).
 The permutations are regenerated from --seed with the same greedy algorithm (the reference ships a .npy; ties are
 broken by a seeded shuffle of the 9! candidates; mean pairwise Hamming distance 8.004, as the shipped file); labels and
-tile offsets come from the seeded torch RNG. No per-epoch validation of the pretext task; the log reports the training
-pretext accuracy instead.
+tile offsets come from the seeded torch RNG. No validation of the pretext task: the log has its training accuracy.
 """
 import argparse
 import itertools
@@ -51,8 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl")
     p.add_argument("--arch", default="resnet18", help="torchvision ResNet constructor name (the shared trunk)")
     p.add_argument("--small-stem", action="store_true", help="3x3 stride-1 stem without max-pool (32-64 px images)")
-    p.add_argument("--image-size", type=int, default=224, help="full-image size: sets the tile sizes (64 px tiles at "
-                   "224) and is recorded as the evaluation size")
+    p.add_argument("--image-size", type=int, default=224, help="full-image size: sets the tile sizes; eval size")
     p.add_argument("--epochs", type=int, default=105, help="total epochs")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size in images (split over processes)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (x0.1 at each of --milestones)")
@@ -60,15 +57,14 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (on *weight not named bn*)")
     p.add_argument("--num-perms", type=int, default=2000, help="size of the permutation set (classes of the pretext task)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutations, initialisation, data order, augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
@@ -76,8 +72,8 @@ def parse_args(argv=None):
 
 
 def hamming_permutations(n, seed):
-    """Noroozi & Favaro's Algorithm 1, "maximal average Hamming distance": start from a random permutation of the 9
-    tiles, then repeatedly add the remaining one with the largest summed Hamming distance to those chosen so far."""
+    """Noroozi & Favaro's Algorithm 1 (maximal average Hamming distance): from a random permutation, greedily add the
+    one with the largest summed Hamming distance to those chosen so far."""
     rng = np.random.default_rng(seed)
     P = np.array(list(itertools.permutations(range(9))), dtype=np.int8)[rng.permutation(math.factorial(9))]
     columns = np.ascontiguousarray(P.T)
@@ -109,8 +105,7 @@ def shuffle_tiles(x, perm, cell, tile):
 
 
 class JigsawTransform:
-    """Host half: image -> (9 uint8 tiles in their permuted slots, colour flags), permutation index; one fresh random
-    permutation per sample. The colour ops act per pixel, so they run on the tiles, batched on the device."""
+    """Host half: image -> (9 uint8 tiles in the slots of a random permutation, colour flags), permutation index."""
 
     def __init__(self, perms, image_size):
         resize, crop, self.cell, self.tile = jigsaw_sizes(image_size)
@@ -125,8 +120,7 @@ class JigsawTransform:
 
 
 def jigsaw_color(x, flags):
-    """Device half, on float [0, 1] tiles (B, 9, 3, t, t): grayscale where flags[:, 0], the colour projection where
-    flags[:, 1] (on [0, 1] values, not clipped, as the reference)."""
+    """Device half, float [0, 1] tiles (B, 9, 3, t, t): grayscale or the colour projection (unclipped, as reference)."""
     gray, project = (flags[:, i].to(x.device, non_blocking=True).view(-1, 1, 1, 1, 1) > 0 for i in (0, 1))
     y = (x * x.new_tensor([0.2989, 0.587, 0.114]).view(3, 1, 1)).sum(-3, keepdim=True).expand_as(x)
     p = torch.einsum("ij,...jhw->...ihw", COLOR_PROJECTION.to(x.device), x)
@@ -168,9 +162,8 @@ def main(argv=None):
         raise InputError(f"{args.resume}: {len(ckpt['perms'])} permutations, but --num-perms {args.num_perms}")
     perms = ckpt["perms"] if ckpt else hamming_permutations(args.num_perms, args.seed)
     arch_kwargs = {"small_stem": args.small_stem}
-    model = Jigsaw(args.arch, arch_kwargs, args.num_perms).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
-    model = model.to(memory_format=memory_format)
+    model = Jigsaw(args.arch, arch_kwargs, args.num_perms).to(device).to(memory_format=memory_format)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay), lr=args.lr, momentum=0.9)
     start = 0
     if ckpt:
@@ -185,8 +178,7 @@ def main(argv=None):
     resize, crop, cell, tile = jigsaw_sizes(args.image_size)
     log(args, rank, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples), "cache": cache,
                      "steps_per_epoch": len(loader), "resize": resize, "crop": crop, "cell": cell, "tile": tile,
-                     "args": vars(args),
-                     "machine": machine(device)}, new=not args.resume)
+                     "args": vars(args), "machine": machine(device)}, new=not args.resume)
     records = []  # logged once a checkpoint holds their epochs
     if rank == 0:
         print(f"jigsaw.py: {len(samples)} images, {len(loader)} steps/epoch, {world} process(es) on {device}, "
