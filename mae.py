@@ -1,11 +1,9 @@
 """mae.py: MAE pre-training, as run by Saha et al., "Backdoor Attacks on Self-Supervised Learning" (CVPR 2022).
 
 Papers: MAE https://arxiv.org/abs/2111.06377; the attack paper https://arxiv.org/abs/2105.10123. Reference code:
-facebookresearch/mae (models_mae.py, main_pretrain.py, util/pos_embed.py, util/lr_sched.py).
-
-Consumes a file list (poison.py's train_clean.txt or train_poisoned.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (docs/formats.md: arch "vit", the state dict of a torchvision VisionTransformer without `heads`; the
-decoder lives only in the training state for --resume) and log.jsonl (one JSON record per epoch).
+facebookresearch/mae (models_mae.py, main_pretrain.py, util/pos_embed.py, util/lr_sched.py). Consumes a file list
+(labels ignored). Produces, in `--out`, checkpoint.pt (docs/formats.md: arch "vit", a torchvision VisionTransformer
+without `heads`; the decoder only in the training state for --resume) and log.jsonl (one record per epoch).
 Recipe (defaults = the paper's / PRETRAIN.md): ViT-B/16 at 224 px, decoder 8 blocks x 512 wide x 16 heads, 75% of the
 patches masked per sample, MSE on the masked patches of per-patch normalised pixels, fixed 2-D sin-cos position
 embeddings, AdamW betas (0.9, 0.95) wd 0.05 (none on biases, norms, 1-D parameters), lr = 1.5e-4 x batch / 256 with a
@@ -47,8 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--train-list", required=True, help="file list of training images (labels ignored)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl")
     p.add_argument("--arch", default="vit", choices=["vit"], help="torchvision VisionTransformer (see --model)")
-    p.add_argument("--model", default="base", choices=list(PRESETS), help="ViT size (width/depth/heads): tiny 192/12/3, "
-                   "small 384/12/6, base 768/12/12, large 1024/24/16; MLP 4 x width")
+    p.add_argument("--model", default="base", choices=list(PRESETS), help="ViT size (width/depth/heads, MLP 4 x width)")
     p.add_argument("--patch-size", type=int, default=16, help="patch side in pixels (4-8 for 32-64 px images)")
     p.add_argument("--width", type=int, default=None, help="encoder width, overrides --model")
     p.add_argument("--depth", type=int, default=None, help="encoder blocks, overrides --model")
@@ -62,22 +59,20 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=224, help="training crop size (also recorded for evaluation)")
     p.add_argument("--epochs", type=int, default=800, help="total epochs")
     p.add_argument("--warmup-epochs", type=int, default=40, help="epochs of linear lr warmup (per iteration)")
-    p.add_argument("--batch-size", type=int, default=4096, help="global batch size (split over processes); the paper's "
-                   "4096 is 64 GPUs x 64")
+    p.add_argument("--batch-size", type=int, default=4096, help="global batch size (split over processes)")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate: lr = blr x batch size / 256")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate, overrides --blr")
     p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, 1-D params)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and masks")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=20, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
@@ -85,8 +80,8 @@ def parse_args(argv=None):
 
 
 def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sin-cos table (grid^2 + 1, dim) for tokens k = row * grid + col, row 0 (the cls slot) zero. The first
-    dim/2 channels encode the column, the last dim/2 the row; each half is [sin(pos w), cos(pos w)], w_k = 10000^(-4k/dim)."""
+    """Fixed 2-D sin-cos table (grid^2 + 1, dim), row 0 (cls) zero; channels: [sin, cos] of the column, then of the row,
+    at frequencies w_k = 10000^(-4k/dim)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     pos = torch.arange(grid, dtype=torch.float64)
     halves = [torch.outer(pos.repeat(grid), omega), torch.outer(pos.repeat_interleave(grid), omega)]  # column, row
@@ -102,8 +97,7 @@ def patchify(imgs, p):
 
 
 def random_masking(x, mask_ratio, noise):
-    """Keep the int(L (1 - mask_ratio)) tokens of smallest noise per sample -> (visible tokens in shuffled order,
-    mask (N, L) with 1 = removed in patch order, ids_restore that un-shuffles)."""
+    """Keep the int(L (1 - mask_ratio)) tokens of least noise -> (visible tokens, mask (1 = removed), ids_restore)."""
     n, L, d = x.shape
     keep = int(L * (1 - mask_ratio))
     ids_shuffle = noise.argsort(dim=1)
