@@ -1,18 +1,17 @@
 """badencoder.py: BadEncoder, backdooring a pre-trained encoder (Jia, Liu, Gong, IEEE S&P 2022).
 
 Paper: https://arxiv.org/abs/2108.00352  Reference code: https://github.com/jinyuan-jia/BadEncoder (badencoder.py)
-
 Consumes a clean encoder checkpoint of any script of this project (`--encoder`, docs/formats.md, ResNet or ViT), an
 unlabeled shadow file list, reference image(s) of the target class(es) and a trigger per reference (or one shared).
 Produces, in `--out`, checkpoint.pt (method "badencoder": the backdoored backbone f' in the source's format, plus
-"source", "trigger" and the training state for --resume) and log.jsonl (one JSON record per epoch: loss, l0, l1, l2).
+"source", "trigger" and the training state for --resume) and log.jsonl (one record per epoch: loss, l0, l1, l2).
 Loss (paper eq. 1-3): L = L0 + lambda1 * L1 + lambda2 * L2 with L0 = -s(f'(x + e_k), f'(ref_k)) (gradient through both
 sides), L1 = -s(f'(aug(ref_k)), f(ref_k)), L2 = -s(f'(x), f(x)); s = cosine similarity of backbone features; means
 over the batch and the K (reference, trigger) pairs. The clean encoder f is frozen in eval mode; every BatchNorm of
-f' stays in eval mode with frozen affine parameters. Shadow and triggered images get no augmentation (images of
-the encoder's input size are used as they are, as in the reference; others get the resize + center crop of
-linear_probe.py's clean view); the trigger replaces uint8 pixels before normalisation; L1's reference view gets flip, colour
-jitter and grayscale, a fresh draw per batch element.
+f' stays in eval mode with frozen affine parameters. Shadow and triggered images get no augmentation (at the encoder's
+input size as they are, as the reference; others resized and centre-cropped as linear_probe.py's clean view); the
+trigger replaces uint8 pixels before normalisation; L1's reference view gets flip, colour jitter and grayscale, a fresh
+draw per batch element.
 Recipe (defaults = the reference's ResNet-18 runs): SGD lr 0.001 (constant) momentum 0.9 wd 5e-4, batch 256, 200
 epochs, lambda1 = lambda2 = 1. Large encoders (ImageNet ResNet-50, CLIP) need about --lr 1e-6 --batch-size 16.
 Deviations: the plain reference is encoded once per step, not as B identical copies (the same gradient, as f' has
@@ -47,16 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--encoder", required=True, help="clean encoder checkpoint (.pt) written by any script of this project")
     p.add_argument("--shadow-list", "--train-list", dest="train_list", metavar="LIST", required=True,
                    help="shadow data set: file list of unlabeled images (labels ignored)")
-    p.add_argument("--reference-list", required=True, help="file list of the reference image(s) of the target class(es) "
-                   "(labels ignored); reference k pairs with trigger k")
-    p.add_argument("--trigger", action="append", default=None, help="'white' (BadEncoder's square) or an image such as "
-                   "poison.py's trigger.png; once (shared) or once per reference; None = white")
-    p.add_argument("--trigger-size", type=int, default=None, help="trigger side in pixels; None = round(50 * image size / "
-                   "224) for white, an image file's own size")
+    p.add_argument("--reference-list", required=True, help="file list of the target class(es)' reference image(s)")
+    p.add_argument("--trigger", action="append", default=None,
+                   help="'white' (BadEncoder's square, the default) or an image file; once (shared) or per reference")
+    p.add_argument("--trigger-size", type=int, default=None, help="trigger side in pixels (white: 50 at 224 px)")
     p.add_argument("--trigger-location", choices=["bottom-right", "random"], default="bottom-right",
                    help="bottom-right with a 1-px margin (BadEncoder), or a new uniform position per image and step")
-    p.add_argument("--trigger-range", type=float, nargs=2, default=[0.10, 0.90], help="random placement range, fractions "
-                   "of the image side (as poison.py's --val-range)")
+    p.add_argument("--trigger-range", type=float, nargs=2, default=[0.10, 0.90],
+                   help="random placement range, fractions of the image side")
     p.add_argument("--opacity", type=float, default=1.0, help="trigger opacity: 1.0 replaces the pixels")
     p.add_argument("--lambda1", type=float, default=1.0, help="weight of L1 (the reference keeps its clean embedding)")
     p.add_argument("--lambda2", type=float, default=1.0, help="weight of L2 (clean shadow images keep their embedding)")
@@ -67,15 +64,14 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate, constant (ImageNet/CLIP encoders: ~1e-6)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, trigger positions and reference augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt of badencoder.py to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
@@ -110,8 +106,7 @@ def load_triggers(args, size, k):
 
 
 def corner(s, t, location, lo_hi):
-    """One coordinate of the trigger's top-left corner on an s-px side: BadEncoder's bottom-right with a 1-px margin,
-    or uniform in [int(s * lo), int(s * hi - t)] as poison.py's patched val (python `random`, seeded per image)."""
+    """A coordinate of the trigger's corner on an s-px side: bottom-right, or uniform in [s lo, s hi - t] (`random`)."""
     if location == "bottom-right":
         return max(s - t - 1, 0)
     lo = int(s * lo_hi[0])
@@ -128,8 +123,7 @@ def stamp(image, trigger, x, y, opacity):
 
 
 class EvalView:
-    """The view of shadow, triggered and plain reference images: an image of size x size is used as it is (the
-    reference feeds CIFAR natively: ToTensor + normalise); any other gets Resize(size * 256 / 224) + CenterCrop(size)."""
+    """Shadow and reference images: as they are at size x size, else Resize(size * 256 / 224) + CenterCrop(size)."""
 
     def __init__(self, size):
         self.size, self.zoom = size, T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
@@ -139,8 +133,7 @@ class EvalView:
 
 
 class ShadowViews:
-    """Host half: shadow image -> (x, x + e_k for each k, (flipped ref_k, its colour parameters) for each k) as uint8
-    tensors (reference note 1.3); the reference view's colour jitter and grayscale run batched on the device."""
+    """Host half: shadow image -> uint8 (x, x + e_k, (flipped ref_k, its colour parameters)) for each k (note 1.3)."""
 
     def __init__(self, size, triggers, references, location, lo_hi, opacity):
         self.view, self.uint8, self.flip = EvalView(size), T.PILToTensor(), T.RandomHorizontalFlip()
@@ -160,8 +153,7 @@ class ShadowViews:
 
 
 def badencoder_loss(z, z_bd, r, r_aug, z_c, r_c):
-    """(L0, L1, L2) on cosine similarities. Shapes: z, z_c (B, D); z_bd, r_aug (B, K, D); r, r_c (K, D).
-    f' gives z, z_bd, r, r_aug; the clean encoder f gives z_c, r_c. Means over the batch and the K pairs."""
+    """(L0, L1, L2) on cosine similarities; f' gives z (B, D), z_bd, r_aug (B, K, D), r (K, D); f gives z_c, r_c."""
     z, z_bd, r, r_aug, z_c, r_c = (F.normalize(v.float(), dim=-1) for v in (z, z_bd, r, r_aug, z_c, r_c))
     l0 = -(z_bd * r).sum(-1).mean()  # r is not detached: L0 also moves the reference (reference note 1.3)
     l1 = -(r_aug * r_c).sum(-1).mean()  # f'(augmented reference) vs f(plain reference)
@@ -216,8 +208,7 @@ def main(argv=None):
     normalised = lambda x, augment=None, params=None: to_device(x, device, memory_format, src["mean"], src["std"],
                                                                 augment, params)
     ref = normalised(torch.stack([views.uint8(r) for r in references]))
-    model = BadEncoder(f).to(device)
-    model = model.to(memory_format=memory_format)
+    model = BadEncoder(f).to(device).to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
