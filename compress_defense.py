@@ -3,11 +3,9 @@
 
 Papers: CompReSS https://arxiv.org/abs/2010.14713 (NeurIPS 2020); the attack paper https://arxiv.org/abs/2105.10123.
 Reference code: UMBCvision/CompRess train_student.py (2q, momentum student) and train_student_one_queue.py (1q).
-
 Consumes a teacher checkpoint of any script of this project (docs/formats.md: frozen, eval mode, pooled backbone feature)
-and a clean file list (poison.py's train_labeled_{5,10,25}pct.txt; labels are ignored). Produces, in `--out`,
-checkpoint.pt (method "compress": the student backbone with torchvision key names, the teacher it came from, plus the
-training state for --resume) and log.jsonl (one JSON record per epoch).
+and a clean file list (e.g. poison.py's train_labeled_5pct.txt; labels ignored). Produces, in `--out`, checkpoint.pt
+(method "compress": the student backbone, the teacher it came from, the training state for --resume) and log.jsonl.
 Recipe (defaults = the reference): ResNet-18 student, one weak view (RandomResizedCrop + flip) shared by all networks,
 K = 128,000 anchors, tau = 0.04 for teacher and student, loss KL(teacher || student) (batch mean), student-key momentum
 alpha = 0.999 (parameters only, BN on batch statistics), SGD lr 0.01 momentum 0.9 wd 1e-4, batch 256, 130 epochs,
@@ -52,31 +50,24 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
     p.add_argument("--milestones", type=int, nargs="*", default=[90, 120], help="lr x0.2 for the epochs after each of these")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (all student parameters)")
-    p.add_argument("--variant", choices=["2q", "1q"], default="2q", help="2q: teacher bank + momentum-student bank; "
-                   "1q: one teacher bank and a Linear layer from the student's to the teacher's width")
+    p.add_argument("--variant", choices=["2q", "1q"], default="2q",
+                   help="2q: teacher and momentum-student banks; 1q: one teacher bank, a Linear to the teacher's width")
     p.add_argument("--bank-size", type=int, default=128000, help="K: anchors per bank (capped at the number of images)")
     p.add_argument("--tau", type=float, default=0.04, help="softmax temperature, the same for teacher and student")
     p.add_argument("--alpha", type=float, default=0.999, help="2q: momentum of the student key (EMA of the student)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode the images once and "
-                   "hold them in memory (auto: when they fit --cache-mib); batched crops, no decoding per epoch")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
+                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on GPU")
     p.add_argument("--resume", default=None, help="checkpoint.pt to continue from (exactly)")
-    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ from the "
-                   "checkpoint's (the model's shape cannot change)")
+    p.add_argument("--resume-changed", action="store_true", help="--resume even where training flags differ")
     p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     p.add_argument("--save-every", type=int, default=10, help="write checkpoint.pt every N epochs (and at the end)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss checks (NaN stops the run)")
     return p.parse_args(argv)
-
-
-def weak_view(size):
-    """The reference's only view, shared by teacher, student and student key: no colour jitter, grayscale or blur.
-    uint8 out of the loader; normalised on the device with the teacher's mean and std."""
-    return ResizedCrop(size)  # RandomResizedCrop + flip
 
 
 def init_bank(K, dim):
@@ -131,8 +122,7 @@ class CompReSS(nn.Module):
                 self.momentum_update()  # = the reference's update after the previous optimizer step
                 k = F.normalize(self.student_k(x).float(), dim=1)
         s = F.normalize(self.fc(self.student(x)).float(), dim=1)
-        # the logits use the banks as they were before this batch (clone, then enqueue); every process enqueues the
-        # embeddings of all processes
+        # logits against the banks as they were before this batch; every process enqueues all processes' embeddings
         if self.variant == "1q":  # one bank of teacher anchors for both distributions
             loss = compress_loss(s, t, self.bank_t.clone(), self.bank_t, self.tau)
             self.enqueue(gather(t))
@@ -152,9 +142,9 @@ def main(argv=None):
         raise InputError(f"--bank-size {args.bank_size} is smaller than the global batch size {args.batch_size}")
     K = min(args.bank_size, len(samples))  # a bank larger than the data holds stale copies of the same images
     arch_kwargs = {"small_stem": args.small_stem}
-    model = CompReSS(teacher, tckpt["feature_dim"], args.arch, arch_kwargs, args.variant, K, args.alpha, args.tau).to(device)
     memory_format = torch.channels_last  # faster on GPU, and on CPU too (docs/benchmarks.md)
-    model = model.to(memory_format=memory_format)
+    model = CompReSS(teacher, tckpt["feature_dim"], args.arch, arch_kwargs, args.variant, K, args.alpha, args.tau)
+    model = model.to(device).to(memory_format=memory_format)
     params = [p for p in model.parameters() if p.requires_grad]  # the student (and fc in 1q) only
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     start = 0
@@ -165,16 +155,15 @@ def main(argv=None):
         set_rng_state(ckpt["train_state"]["rng"], args, rank, world, ckpt["epoch"])
         start = ckpt["epoch"]
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    view = weak_view(args.image_size)
-    data = FileList(samples, view, args.seed)
+    # the reference's only view, shared by teacher, student and student key: RandomResizedCrop + flip, no colour ops
+    data = FileList(samples, ResizedCrop(args.image_size), args.seed)
     cache = data.load(args.cache_images, args.cache_mib)  # checks every image; may decode them once
     loader, sampler = make_loader(data, args, rank, world, device)
     teacher_info = {"path": os.path.abspath(args.teacher), "method": tckpt["method"], "arch": tckpt["arch"],
                     "epoch": tckpt["epoch"]}
     log(args, rank, {"start_epoch": start, "world_size": world, "device": str(device), "images": len(samples), "cache": cache,
                      "steps_per_epoch": len(loader), "bank_size": K, "bank_capped": K < args.bank_size, "teacher": teacher_info,
-                     "args": vars(args),
-                     "machine": machine(device)}, new=not args.resume)
+                     "args": vars(args), "machine": machine(device)}, new=not args.resume)
     records = []  # logged once a checkpoint holds their epochs
     if rank == 0:
         cap = f" (--bank-size {args.bank_size} capped at the number of images)" if K < args.bank_size else ""
