@@ -1,16 +1,15 @@
 """linear_probe.py: frozen-feature evaluation of an encoder on clean and trigger-patched validation images.
 
 Paper: Saha et al., "Backdoor Attacks on Self-Supervised Learning", CVPR 2022, https://arxiv.org/abs/2105.10123
-(evaluation protocol of CompReSS, https://arxiv.org/abs/2010.14713, which the paper's linear evaluation uses), and the
-downstream classifier of Jia et al., "BadEncoder", IEEE S&P 2022, https://arxiv.org/abs/2108.00352 (`--classifier mlp`).
-
+(its linear evaluation is CompReSS's, https://arxiv.org/abs/2010.14713), and the downstream classifier of Jia et al.,
+"BadEncoder", IEEE S&P 2022, https://arxiv.org/abs/2108.00352 (`--classifier mlp`).
 Consumes an encoder checkpoint of any script of this project (docs/formats.md), a small labeled train list and the clean
 and patched validation lists of poison.py. Extracts features once (clean: Resize + CenterCrop, or nothing when every
-image already has the crop size, as poison.py's patched val, which is used as is), trains the classifier, and writes
-to `--out`: metrics.json (Acc, target TP/FP, ASR on clean and patched val), per_class.csv, confusion_{clean,patched}.npy
-(rows = true class, columns = prediction) and classifier.pt (weights + feature normalisation).
-`--protocol`: one row of PROTOCOLS, each reference's own linear evaluation (docs/methods.md); explicit flags override it. Default
-`demo`: CompReSS/MoCo's (L2-normalise, standardise, Linear; SGD 0.01, 40 epochs) on cached center-crop features.
+image already has the crop size; the patched val as is), trains the classifier, and writes to `--out`: metrics.json
+(Acc, target TP/FP, ASR on clean and patched val), per_class.csv, confusion_{clean,patched}.npy (rows = true class)
+and classifier.pt (weights + feature normalisation). `--protocol`: one row of PROTOCOLS, each reference's own linear
+evaluation (docs/methods.md); explicit flags override it. Default `demo`: CompReSS/MoCo's (L2-normalise, standardise,
+Linear; SGD 0.01, 40 epochs) on cached center-crop features.
 """
 import argparse
 import json
@@ -62,12 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--val-patched-list", required=True, help="patched validation list (val_patched.txt)")
     p.add_argument("--target", default=None, help="target class (index or name); default: from poison.json beside the patched list")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--protocol", choices=list(PROTOCOLS), default=None, help="evaluation protocol, one row of PROTOCOLS "
-                   "(docs/methods.md); the flags below override it; default: demo (badencoder with --classifier mlp)")
-    p.add_argument("--layer", default=None, choices=["final", *POOL], help="feature: pooled final feature (cls token for "
-                   "ViT), or a ResNet tap average-pooled to 12/12/8/6/4 (Jigsaw/RotNet conv-linear protocol)")
-    p.add_argument("--classifier", choices=["linear", "mlp"], default=None, help="linear, or BadEncoder's MLP "
-                   "(L2-norm -> 512 -> ReLU -> dropout 0.5 -> 256 -> ReLU -> C; protocol badencoder)")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
+                   help="one row of PROTOCOLS, overridden by the flags below (default: demo; badencoder with mlp)")
+    p.add_argument("--layer", default=None, choices=["final", *POOL],
+                   help="pooled final feature (ViT: cls token), or a ResNet tap average-pooled (conv-linear protocols)")
+    p.add_argument("--classifier", choices=["linear", "mlp"], default=None, help="linear, or BadEncoder's MLP")
     p.add_argument("--norm", choices=["l2+std", "l2", "none", "bn1d", "bn2d"], default=None, help="feature normalisation")
     p.add_argument("--optimizer", choices=["sgd", "nesterov", "adam", "lars"], default=None, help="classifier optimizer")
     p.add_argument("--epochs", type=int, default=None, help="classifier epochs")
@@ -75,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="learning rate")
     p.add_argument("--weight-decay", type=float, default=None, help="weight decay")
     p.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where a step schedule's lr drops")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="re-extract augmented train "
-                   "features every epoch (the protocol's augmentation, else RandomResizedCrop + flip)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="re-extract augmented train features every epoch (the protocol's, or RandomResizedCrop + flip)")
     p.add_argument("--knn", type=int, default=0, help="also report a weighted k-NN classifier with this k (0 = off)")
     p.add_argument("--knn-temperature", type=float, default=0.07, help="k-NN vote weight exp(similarity / T)")
     p.add_argument("--extract-batch-size", type=int, default=256, help="batch size of feature extraction")
@@ -84,8 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for extraction on GPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation and batch order")
-    p.add_argument("--save-features", action="store_true", help="also write features.pt: the normalised train, val and "
-                   "patched features the classifier sees, with labels and target (scripts/feature_space.py)")
+    p.add_argument("--save-features", action="store_true", help="also write features.pt: the classifier's inputs")
     p.add_argument("--overwrite", action="store_true", help="replace the result that --out holds (its metrics.json)")
     return p.parse_args(argv)
 
@@ -138,8 +135,7 @@ def extract(model, samples, transform, args, device, epoch=0, desc="features"):
 
 
 def val_resize(args, val, size):
-    """The clean val's Resize side, or None (no resize): the geometry poison.py gave the patched val (poison.json's
-    val_geometry), else None when every val image already has the crop size."""
+    """The clean val's Resize side, or None: poison.json's val_geometry, else None if the images have the crop size."""
     meta = os.path.join(os.path.dirname(os.path.abspath(args.val_patched_list)), "poison.json")
     info = json.load(open(meta)) if os.path.isfile(meta) else {}
     if "val_geometry" in info:
@@ -169,8 +165,8 @@ def check_size(samples, size, name):
 
 
 class Head(nn.Module):
-    """The protocol's normalisation (l2+std: fixed buffers of CompReSS; bn1d / bn2d: BatchNorm without affine) -> Linear,
-    or BadEncoder's MLP. bn2d normalises each channel of the pooled conv map (RotNet's LinearClassifier)."""
+    """The protocol's normalisation (l2+std: CompReSS's fixed buffers; bn1d / bn2d: BatchNorm without affine, bn2d per
+    channel of the pooled map as RotNet's) -> Linear, or BadEncoder's MLP (512, ReLU, dropout 0.5, 256, ReLU)."""
 
     def __init__(self, mean, inv_std, num_classes, mlp, norm="l2+std", channels=None, init="default"):
         super().__init__()
@@ -236,8 +232,7 @@ def lr_at(args, epoch):
 
 
 def train_classifier(train_f, train_y, num_classes, args, reextract=None, channels=None):
-    """Train the head on cached features (or on features re-extracted each epoch by `reextract(epoch)`); args must hold
-    a resolved protocol (resolve_protocol)."""
+    """Train the head on cached features (or re-extracted each epoch by `reextract(epoch)`) with a resolved protocol."""
     mean, inv_std = torch.zeros_like(train_f[0]), torch.ones_like(train_f[0])
     if args.norm == "l2+std":  # standardisation statistics: L2-normalised center-crop features, unbiased var
         z = F.normalize(train_f, dim=1)
@@ -605,15 +600,14 @@ def load_encoder(path):
 
 # shared: result files (same in linear_probe.py, patchsearch.py)
 def check_results(args, last):
-    """--out must not hold a finished result (its `last` file, written last) unless --overwrite, which removes that
-    file first: a failed rerun then leaves no stale result that looks finished."""
+    """--out must not hold a finished result (its `last` file, written last) unless --overwrite, which removes it."""
     done = os.path.join(args.out, last)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out}: exists and is not a folder")
     if os.path.exists(done) and not args.overwrite:
         raise InputError(f"--out {args.out}: holds a finished result ({last}); replace it with --overwrite")
     if os.path.exists(done):
-        os.remove(done)
+        os.remove(done)  # first: a failed rerun leaves no stale result that looks finished
 
 
 def write_atomic(path, write):

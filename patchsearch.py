@@ -3,11 +3,10 @@
 Paper: Tejankar et al., "Defending Against Patch-based Backdoor Attacks on Self-Supervised Learning", CVPR 2023,
 https://arxiv.org/abs/2304.01482  Reference code: UCDvision/PatchSearch (patch_search_iterative_search.py and
 patch_search_poison_classifier.py, with the settings of its run_pipeline.sh).
-
-Consumes an encoder checkpoint trained on poisoned data (docs/formats.md) and that poisoned train list. Produces, in `--out`:
-train_filtered.txt (the list without the flagged images, paths relative to --out), poison_scores.csv (the images the
-search scored), top_ranked.png (the highest-scored images, their candidate window boxed), summary.json (counts, settings,
-and poison recall / precision when poison.json of poison.py sits beside the list).
+Consumes an encoder checkpoint trained on poisoned data (docs/formats.md) and that poisoned train list. Produces, in
+`--out`: train_filtered.txt (the list without the flagged images), poison_scores.csv (the scored images), top_ranked.png
+(the highest-scored images, their candidate window boxed), summary.json (counts, settings, and poison recall /
+precision when poison.py's poison.json sits beside the list).
 Method: (1) k-means on the L2-normalised features; (2) Grad-CAM of each candidate against the cosine classifier of the
 cluster centroids, and the w x w window of the largest map sum = the candidate patch; (3) poison score = how many test
 images (the images closest to each centroid) move into the candidate's cluster once the patch is pasted on them, minus
@@ -50,8 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--clusters", type=int, default=0, help="k-means clusters (0: 1000 per 126,689 images, as the paper on ImageNet-100)")
     p.add_argument("--kmeans-iters", type=int, default=20, help="Lloyd iterations (faiss' default)")
-    p.add_argument("--test-images", type=int, default=0, help="images the patches are pasted on, the closest to each "
-                   "centroid (0: one per cluster, the paper's 1000 at k = 1000)")
+    p.add_argument("--test-images", type=int, default=0, help="images the patches are pasted on (0: one per cluster)")
     p.add_argument("--window", type=int, default=60, help="candidate patch side at 224 px (scaled with the image size)")
     p.add_argument("--samples-per-iter", type=int, default=2, help="images scored per cluster and search iteration")
     p.add_argument("--prune", type=float, default=0.25, help="fraction of clusters dropped per iteration (0: score every image)")
@@ -62,8 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--classifier-iters", type=int, default=2000, help="SGD iterations per poison classifier")
     p.add_argument("--batch-size", type=int, default=32, help="poison classifier batch size")
     p.add_argument("--lr", type=float, default=0.01, help="poison classifier lr (SGD momentum 0.9, wd 1e-4, cosine)")
-    p.add_argument("--eval-every", type=int, default=20, help="validate on the top-k / bottom-k images every N iterations; "
-                   "stop when the last 10 F1 scores are equal (reference early stop)")
+    p.add_argument("--eval-every", type=int, default=20, help="early-stop validation every N iterations (10 equal F1s)")
     p.add_argument("--grid", type=int, default=100, help="top-ranked images in top_ranked.png")
     p.add_argument("--extract-batch-size", type=int, default=256, help="batch size of feature extraction and scoring")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes")
@@ -111,8 +108,7 @@ def embed(model, x, batch=256, amp=False):
 
 
 def cam_layer(model, arch, size, name="auto"):
-    """Grad-CAM's layer: ViT's last block (its input norm, as the reference), or a ResNet stage; auto = the deepest stage
-    whose map is at least 4x4 at this image size (layer4 at 224 px; layer2 for a standard stem at 32 px)."""
+    """Grad-CAM's layer: ViT's last block's input norm (reference), or a ResNet stage (auto: the deepest map >= 4x4)."""
     if arch == "vit":
         return "encoder.layers[-1].ln_1", model.encoder.layers[-1].ln_1
     if name != "auto":
@@ -177,8 +173,7 @@ def test_indices(a, d, k, n, g):
 
 
 def search(model, layer, centroids, a, load, test_x, w, samples_per_iter=2, prune=0.25, seed=0, batch=256, amp=False):
-    """Iterative search (paper Sec. 3.2) -> (poison score per image, 0 where not scored; scored mask; log records).
-    Score = test images in the candidate's cluster with its patch pasted on them, minus without."""
+    """Iterative search (paper Sec. 3.2) -> (poison score per image, 0 where not scored; scored mask; log records)."""
     g = torch.Generator().manual_seed(seed)
     a = a.cpu()
     k, device = len(centroids), centroids.device
@@ -211,15 +206,13 @@ def search(model, layer, centroids, a, load, test_x, w, samples_per_iter=2, prun
 
 
 def rank(scores, seed):
-    """Indices by descending score. Ties (most images are never scored: all 0) fall in a seeded random order; a stable
-    sort would rank them in list order, i.e. by class."""
+    """Indices by descending score; ties (unscored images) in a seeded random order, not in list order (by class)."""
     perm = torch.randperm(len(scores), generator=torch.Generator().manual_seed(seed))
     return perm[scores[perm].argsort(descending=True, stable=True)]
 
 
 class PastePatch:
-    """Poison-classifier view: RandomResizedCrop; with p = 0.5 a random top patch pasted at a random size and place
-    (label 1); colour jitter, grayscale, flip. Sizes 20-80 px and margin 10 px at 224 px (reference), scaled."""
+    """Poison-classifier view: RandomResizedCrop; p 0.5 a top patch pasted (label 1); jitter, grayscale, flip."""
 
     def __init__(self, size, patches, mean, std):
         self.size, self.patches = size, patches
@@ -275,7 +268,9 @@ def train_poison_classifier(samples, pool, patches, val_x, val_y, size, mean, st
 
 def main(argv=None):
     args = parse_args(argv)
-    seed_all(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     amp = args.amp and device.type == "cuda"
     check_results(args, "summary.json")
@@ -369,12 +364,6 @@ def poison_metrics(train_list, n, flagged, ranked):
     top = {str(t): 100.0 * truth[ranked[:t]].float().mean().item() for t in (5, 10, 20, 50, 100, 500) if t <= n}
     return {"n_poisons": int(truth.sum()), "n_flagged_poisons": hit, "recall": 100.0 * hit / max(1, int(truth.sum())),
             "precision": 100.0 * hit / max(1, int(flagged.sum())), "poisons_in_top_ranked_pct": top}
-
-
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def batches(samples, indices, transform, args):
@@ -596,15 +585,14 @@ def load_encoder(path):
 
 # shared: result files (same in linear_probe.py, patchsearch.py)
 def check_results(args, last):
-    """--out must not hold a finished result (its `last` file, written last) unless --overwrite, which removes that
-    file first: a failed rerun then leaves no stale result that looks finished."""
+    """--out must not hold a finished result (its `last` file, written last) unless --overwrite, which removes it."""
     done = os.path.join(args.out, last)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out}: exists and is not a folder")
     if os.path.exists(done) and not args.overwrite:
         raise InputError(f"--out {args.out}: holds a finished result ({last}); replace it with --overwrite")
     if os.path.exists(done):
-        os.remove(done)
+        os.remove(done)  # first: a failed rerun leaves no stale result that looks finished
 
 
 def write_atomic(path, write):
