@@ -402,8 +402,7 @@ def read_list(path):
 
 
 class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i), its random draws from (seed, epoch, i) alone. A transform with
-    a batch() method makes a whole batch from per-item uniforms; any other takes one PIL image."""
+    """Item (epoch, i) -> (transform(image i), label, i), its random draws from (seed, epoch, i) alone."""
 
     def __init__(self, samples, transform, seed=0):
         self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
@@ -415,8 +414,7 @@ class FileList(torch.utils.data.Dataset):
         return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
 
     def load(self, cache="auto", budget_mib=2048):
-        """Check every image's header (an image, at most MAX_PIXELS); cache "on", or "auto" within budget_mib: decode each
-        image once and hold it in memory. Returns what was done, as one line."""
+        """Check every image's header (<= MAX_PIXELS); cache "on", or "auto" within budget_mib: decode them once."""
         pixels = 0
         for i, (path, _) in enumerate(self.samples):
             try:
@@ -463,7 +461,7 @@ class FileList(torch.utils.data.Dataset):
         return x, self.samples[i][1], i
 
     def __getitems__(self, keys):
-        """A batch (the DataLoader calls this): with transform.batch(), all items in a few tensor ops."""
+        """A batch (the DataLoader calls this): with transform.batch(), all items from per-item uniforms at once."""
         if not hasattr(self.transform, "batch"):
             return [self[key] for key in keys]
         keys = [key if isinstance(key, tuple) else (0, key) for key in keys]

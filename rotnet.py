@@ -157,8 +157,7 @@ def main(argv=None):
 
 # shared: batched crops (same in moco.py, byol.py, msf.py, rotnet.py, mae.py, compress_defense.py)
 class ResizedCrop:
-    """RandomResizedCrop + RandomHorizontalFlip on a batch of uint8 images of any sizes: torchvision's box sampling and
-    PIL's resampling filter as two matrix products per view, in float (PIL's rounding between passes: a few levels)."""
+    """RandomResizedCrop + RandomHorizontalFlip, batched: torchvision's boxes, PIL's filter as two matrix products."""
     uniforms = 23  # per view: 10 tries x (area, log aspect ratio), top, left, flip
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), bicubic=False):
@@ -207,7 +206,7 @@ class ResizedCrop:
         top, left, h, w = self.boxes(hw, u)
         wy, wx = self.weights(top, h, padded.shape[2]), self.weights(left, w, padded.shape[3])
         wx = torch.where(u[:, 22, None, None] < 0.5, wx.flip(1), wx)  # the flip, as torchvision: p 0.5
-        x = wy[:, None] @ padded @ wx.transpose(1, 2)[:, None]
+        x = wy[:, None] @ padded @ wx.transpose(1, 2)[:, None]  # in float: PIL rounds between passes (a few levels)
         return x.round_().clamp_(0, 255).to(torch.uint8)
 # end shared
 
@@ -271,8 +270,7 @@ def read_list(path):
 
 
 class FileList(torch.utils.data.Dataset):
-    """Item (epoch, i) -> (transform(image i), label, i), its random draws from (seed, epoch, i) alone. A transform with
-    a batch() method makes a whole batch from per-item uniforms; any other takes one PIL image."""
+    """Item (epoch, i) -> (transform(image i), label, i), its random draws from (seed, epoch, i) alone."""
 
     def __init__(self, samples, transform, seed=0):
         self.samples, self.transform, self.seed, self.images = samples, transform, seed, None
@@ -284,8 +282,7 @@ class FileList(torch.utils.data.Dataset):
         return self.samples.where(i) if isinstance(self.samples, Samples) else self.samples[i][0]
 
     def load(self, cache="auto", budget_mib=2048):
-        """Check every image's header (an image, at most MAX_PIXELS); cache "on", or "auto" within budget_mib: decode each
-        image once and hold it in memory. Returns what was done, as one line."""
+        """Check every image's header (<= MAX_PIXELS); cache "on", or "auto" within budget_mib: decode them once."""
         pixels = 0
         for i, (path, _) in enumerate(self.samples):
             try:
@@ -332,7 +329,7 @@ class FileList(torch.utils.data.Dataset):
         return x, self.samples[i][1], i
 
     def __getitems__(self, keys):
-        """A batch (the DataLoader calls this): with transform.batch(), all items in a few tensor ops."""
+        """A batch (the DataLoader calls this): with transform.batch(), all items from per-item uniforms at once."""
         if not hasattr(self.transform, "batch"):
             return [self[key] for key in keys]
         keys = [key if isinstance(key, tuple) else (0, key) for key in keys]
