@@ -16,10 +16,9 @@ patch pasted on them from images without; the images it calls poisoned are remov
 Scaled with the data (paper values at ImageNet-100, 224 px): k = 1000 clusters per 126,689 images; one test image per
 cluster; window 60 px, pasted classifier patches 20-80 px, margin 10 px, all x image size / 224. Grad-CAM runs at the
 deepest ResNet stage whose map is at least 4x4 (layer4 at 224 px; layer2 for the demo's 32 px standard-stem models).
-Deviations: k-means++ initialisation (faiss: random points; small k on small data got stuck in local optima); flips are
-measured on L2-normalised features (the reference assigns the patched images' raw features to the centroids, a scale
-mismatch); one window per image (the reference's --repeat_patch, default 1, is not implemented); the classifier
-patches are cut at the end of the search from the top images, kept in memory (the reference writes PNGs first).
+Deviations: k-means++ init (faiss: random points, stuck in local optima for small k on small data); flips measured on
+L2-normalised features (the reference assigns raw patched features to the centroids: a scale mismatch); one window per
+image (no --repeat_patch, default 1); the classifier patches are cut from the top images after the search, in memory.
 """
 import argparse
 import json
