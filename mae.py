@@ -65,8 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (none on biases, norms, 1-D params)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
-                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode once, hold in memory")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation and masks")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
