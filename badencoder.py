@@ -64,8 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate, constant (ImageNet/CLIP encoders: ~1e-6)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
-                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode once, hold in memory")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, trigger positions and reference augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
