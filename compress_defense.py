@@ -56,8 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=0.04, help="softmax temperature, the same for teacher and student")
     p.add_argument("--alpha", type=float, default=0.999, help="2q: momentum of the student key (EMA of the student)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loading processes per process")
-    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"],
-                   help="decode the images once, hold them in memory (auto: when they fit --cache-mib)")
+    p.add_argument("--cache-images", default="auto", choices=["auto", "on", "off"], help="decode once, hold in memory")
     p.add_argument("--cache-mib", type=int, default=2048, help="memory budget of --cache-images auto, per process")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
