@@ -12,6 +12,7 @@
 #                                                            cores), every run ROOT holds in an existing one
 #   RUNS=5 METHODS="moco byol" bash scripts/reproduce.sh     5 runs of two methods (finished runs are skipped: RUNS can
 #                                                            grow later, and other methods be added by another call)
+#   FIRST=8 RUNS=8 bash scripts/reproduce.sh ROOT            the test runs 8-15 (runs 0-7: dev runs, scripts/runs.py)
 #   PRESET=paper DATA_ROOT=/data/imagenet CLASSES=imagenet100_classes.txt RUNS=10 bash scripts/reproduce.sh runs/paper
 # Layout: ROOT/data/clean (the lists every run shares), ROOT/data/run<r> (poison.py of run r), ROOT/main/<method>/...,
 # ROOT/defense/run<r>/{teacher,student_<p>pct}, ROOT/badencoder/run<r>/{clean,backdoored}, ROOT/patchsearch/run<r>/<method>
@@ -21,11 +22,11 @@
 #    (FAMILY:SIZE: that family at SIZE px, in ROOT/triggers/FAMILY_SIZEpx; the demo's HTBA patch is 8 px).
 # CLASSES: a list of class folder names (wnids); the paper's 100 classes are imagenet100_classes.txt of the reference
 # repository UMBCvision/SSL-Backdoor.
-# Environment: PRESET (demo|paper), RUNS (default: as many as ROOT/data/run<r> holds, at least 1, so a rerun never
-# shrinks a table), TARGETS ("<one target per run>", default a seeded draw per run), DATA_SEED
-# (0), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES, DEFENSE_TEACHER (byol for the demo, moco for the
-# paper), PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the trainers). Finished steps are skipped, so an
-# interrupted run continues where it stopped.
+# Environment: PRESET (demo|paper), FIRST (the first run, default 0), RUNS (default: as many as ROOT/data/run<r>
+# holds from FIRST on, at least 1, so a rerun never shrinks a table), TARGETS ("<one target per run>", default a
+# seeded draw per run), DATA_SEED (0), METHODS ("moco byol msf jigsaw rotnet mae"), DATA_ROOT, CLASSES,
+# DEFENSE_TEACHER (byol for the demo, moco for the paper), PYTHON, LAUNCH (e.g. "torchrun --nproc_per_node 8" for the
+# trainers). Finished steps are skipped, so an interrupted run continues where it stopped.
 set -euo pipefail
 ROOT=${1:-runs/reproduce_${PRESET:-demo}}
 export PRESET=${PRESET:-demo}
@@ -33,15 +34,18 @@ export PRESET=${PRESET:-demo}
 METHODS=${METHODS:-moco byol msf jigsaw rotnet mae}
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
+FIRST=${FIRST:-0}
+[[ "$FIRST" =~ ^[0-9]{1,9}$ ]] || { echo "reproduce.sh: FIRST='$FIRST' is not a whole number >= 0" >&2; exit 2; }
 if [ -z "${RUNS:-}" ]; then  # continue with the runs that exist: run r's data is ROOT/data/run<r>
-  RUNS=1
+  RUNS=$(( FIRST + 1 ))
   for D in "$ROOT"/data/run*; do
     R=${D##*/run}
     if [[ $R =~ ^[0-9]+$ ]] && [ -d "$D" ] && (( R + 1 > RUNS )); then RUNS=$((R + 1)); fi
   done
-  echo "reproduce.sh: RUNS=$RUNS (the runs in $ROOT/data)"
+  RUNS=$(( RUNS - FIRST ))
+  echo "reproduce.sh: RUNS=$RUNS (the runs in $ROOT/data from run $FIRST)"
 fi
-export RUNS
+export FIRST RUNS
 
 if [ "$PRESET" = demo ]; then
   DEFENSE_TEACHER=${DEFENSE_TEACHER:-byol}
@@ -70,7 +74,7 @@ for METHOD in $METHODS; do
   DATA_DIR="$ROOT/data" bash scripts/quickstart.sh "$METHOD" "$ROOT/main/$METHOD"
 done
 
-for ((r = 0; r < RUNS; r++)); do
+for ((r = FIRST; r < FIRST + RUNS; r++)); do
   DATA="$ROOT/data/run$r"
   [ -f "$DATA/poison.json" ] || continue
   DATA="$(cd "$DATA" && pwd)"

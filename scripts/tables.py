@@ -558,6 +558,15 @@ def defense_table(root):
             rows.append(f"| {label} (ours) | " + " | ".join(cell([m[k] for m in ms]) for k in
                                                            ("acc_clean", "fp_clean", "acc_patched", "fp_patched", "asr")) +
                         f" | {minutes(statistics.mean(sec)) if sec else '-'} | {len(ms)} |")
+    kinds = ["teacher"] + [f"student_{name}pct" for name in names]
+    per_run = [(r, [load(os.path.join(r, k, "probe", "metrics.json")) for k in kinds]) for r in runs]
+    per_run = [(r, ms) for r, ms in per_run if ms[0]]
+    if len(per_run) > 1 or run_number(runs[0]) is not None:
+        rows += ["", "Per run, patched FP (ASR %) of the teacher and of each student:", "",
+                 "| run | target | teacher | " + " | ".join(f"student, {n}% clean data" for n in names) + " |",
+                 "|---|---|---|" + "---|" * len(names)]
+        rows += [f"| {run_number(r)} | {ms[0]['target']} '{ms[0]['target_name']}' | " +
+                 " | ".join(f"{m['fp_patched']} ({m['asr']:.1f})" if m else "-" for m in ms) + " |" for r, ms in per_run]
     return "\n".join(rows)
 
 
@@ -572,6 +581,15 @@ def badencoder_table(root):
             rows.append(f"| {label} | " + " | ".join(cell([m[k] for m in ms]) for k in ("acc_clean", "asr_all", "asr")) +
                         f" | {cell([m['fp_clean'] for m in ms])} / {cell([m['fp_patched'] for m in ms])} | "
                         f"{minutes(statistics.mean(sec)) if sec else '-'} | {len(ms)} |")
+    per_run = [(r, [load(os.path.join(r, k, "probe", "metrics.json")) for k in ("clean", "backdoored")])
+               for r in each_run(root)]
+    per_run = [(r, c, b) for r, (c, b) in per_run if c and b]
+    if per_run and run_number(per_run[0][0]) is not None:
+        rows += ["", "Per run, the clean encoder against the backdoored one:", "",
+                 "| run | target | clean Acc: CA / BA | ASR % (all triggered images): clean / backdoored | target FP on "
+                 "patched val: clean / backdoored |", "|---|---|---|---|---|"]
+        rows += [f"| {run_number(r)} | {b['target']} '{b['target_name']}' | {c['acc_clean']:.1f} / {b['acc_clean']:.1f} | "
+                 f"{c['asr_all']:.1f} / {b['asr_all']:.1f} | {c['fp_patched']} / {b['fp_patched']} |" for r, c, b in per_run]
     return "\n".join(rows)
 
 
@@ -583,6 +601,7 @@ def patchsearch_table(root):
             "ranked % | backdoored: clean Acc / patched FP | re-trained on the filtered list: clean Acc / patched FP | "
             "runs |", "|---|---|---|---|---|---|---|---|",
             "| MoCo v2 on ImageNet-100 (PatchSearch paper's log) | 2,879 of 126,689 | 95 | 22 | | | | |"]
+    per_run = []
     for method in METHODS:
         folders = [os.path.join(r, method) for r in each_run(root)]
         ss = [(f, m) for f in folders for m in [load(os.path.join(f, "summary.json"))] if m and "recall" in m]
@@ -597,6 +616,19 @@ def patchsearch_table(root):
                     f"{cell([m['recall'] for m in sums])} | {cell([m['precision'] for m in sums])} | "
                     f"{cell([m['poisons_in_top_ranked_pct']['100'] for m in sums])} | {probes} "
                     f"{len(sums)}{f' (re-trained: {len(pairs)})' if pairs else ''} |")
+        if run_number(os.path.dirname(ss[0][0])) is not None:
+            per_run.append((method, ss))
+    for method, ss in per_run:
+        rows += ["", f"{METHOD_NAMES[method]}, per run:", "",
+                 "| run | flagged | poison recall % | poison precision % | poisons among the top 20 ranked % | backdoored: "
+                 "clean Acc / patched FP | re-trained: clean Acc / patched FP |", "|---|---|---|---|---|---|---|"]
+        for f, m in ss:
+            b = load(os.path.join(os.path.dirname(m["encoder"]), "probe", "metrics.json"))
+            a = load(os.path.join(f, "retrained", "probe", "metrics.json"))
+            top = m["poisons_in_top_ranked_pct"].get("20")
+            rows.append(f"| {run_number(os.path.dirname(f))} | {m['n_flagged']} of {m['n_train']} | {m['recall']:.1f} | "
+                        f"{m['precision']:.1f} | {'-' if top is None else f'{top:.0f}'} | " +
+                        " | ".join(f"{x['acc_clean']:.1f} / {x['fp_patched']}" if x else "-" for x in (b, a)) + " |")
     return "\n".join(rows)
 
 

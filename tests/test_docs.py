@@ -179,6 +179,10 @@ def test_reproduce_sh_without_runs_continues_with_the_runs_root_holds(tmp_path):
     os.makedirs(tmp_path / "old" / "data" / "run3.tmp-host-1-x")
     assert runs(tmp_path / "old") == ["3"]
     assert runs(tmp_path / "old", RUNS="2") == []  # given: used as is, nothing printed
+    assert runs(tmp_path / "old", FIRST="1") == ["2"]  # runs 1 and 2: the test block's FIRST=8 works alike
+    bad = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce.sh"), str(tmp_path / "old")], cwd=ROOT,
+                         env={**os.environ, "FIRST": "x"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "reproduce.sh: FIRST='x' is not a whole number >= 0"
 
 
 def doc_tables():

@@ -93,8 +93,10 @@ def test_tables_over_runs(tmp_path):
     defense = tables.defense_table(tmp_path / "defense")
     assert "| poisoned BYOL teacher (ours) | 58.0 ± 0.0 | 11.0 ± 0.0 | 40.0 ± 0.0 | 40.0 ± 42.4 | 11.4 ± 12.1 | - | 2 |" in defense
     assert "| CompReSS student, 5% clean data (ours) | 30.5 ± 0.7 | 9.0 ± 0.0 | 28.0 ± 0.0 | 2.5 ± 3.5 |" in defense
+    assert "| 1 | 2 'class2' | 10 (2.9) | 5 (1.4) |" in defense  # per run: teacher, then each student
     badencoder = tables.badencoder_table(tmp_path / "badencoder")
     assert "| BadEncoder (BA, ASR) | 68.0 ± 0.0 | 75.0 ± 35.4 | 75.0 ± 35.4 | 3.0 ± 0.0 / 262.5 ± 123.7 | - | 2 |" in badencoder
+    assert "| 1 | 2 'class2' | 68.0 / 68.0 | 0.0 / 50.0 | 0 / 175 |" in badencoder
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- BEGIN details -->\nold\n<!-- END details -->\nb\n"
                       "<!-- BEGIN patchsearch -->\nkept\n<!-- END patchsearch -->\n")
@@ -226,6 +228,9 @@ def test_patchsearch_table_over_runs(tmp_path):
     row = [ln for ln in tables.patchsearch_table(str(tmp_path)).splitlines() if ln.startswith("| BYOL")]
     assert row == ["| BYOL (ours) | 150 ± 71 of 2400 | 60.0 ± 14.1 | 20.0 ± 14.1 | 60.0 ± 0.0 | 60.0 / 80 | 65.0 / 12 | "
                    "2 (re-trained: 1) |"]
+    per_run = tables.patchsearch_table(str(tmp_path)).split("BYOL, per run:")[1]
+    assert "| 0 | 100 of 2400 | 50.0 | 10.0 | - | 60.0 / 80 | 65.0 / 12 |" in per_run
+    assert "| 1 | 200 of 2400 | 70.0 | 30.0 | - | 61.0 / 100 | - |" in per_run
 
 
 def test_seeds_table_puts_a_second_clean_seed_beside_the_first(tmp_path):
