@@ -15,7 +15,8 @@ Standard library only. Nothing here is typed by hand: every number is read from 
   python scripts/tables.py knobs ROOT         knob search: ROOT/knobs/<name>/run<r> (quickstart.sh RUNS=N with other flags)
                                                beside the main table's runs of the same r (ROOT/main/<method>/run<r>)
   python scripts/tables.py glance ROOT         results at a glance: per method the paper's effect and the test runs' verdict
-  python scripts/tables.py test ROOT           the reported verdicts: ROOT/test/<method> (FIRST=8 RUNS=N quickstart.sh), test runs only
+  python scripts/tables.py test ROOT           the reported verdicts: the test runs (8 and up) of ROOT/test/<method>
+                                               (FIRST=8 RUNS=N quickstart.sh) and ROOT/main/<method> (reproduce.sh)
   python scripts/tables.py readme FILE ROOT    rewrite FILE's generated sections (between BEGIN/END markers)
   python scripts/tables.py probes DIR          the runs DIR/run<r> probed at several seeds (scripts/probe_seeds.sh):
                                                per run the patched FP and the verdict at each probe seed
@@ -405,10 +406,15 @@ def runs_table(folder):
 
 
 def test_folders(root):
-    """(method, folder) of ROOT/test/<method>[_<variant>] (FIRST=8 RUNS=N bash scripts/quickstart.sh METHOD FOLDER), in
-    the order of METHODS."""
-    return [(method, d) for method in METHODS for d in sorted(glob.glob(os.path.join(root, "test", method + "*")))
-            if re.fullmatch(rf"{method}(_.*)?", os.path.basename(d)) and os.path.isdir(d)]
+    """(method, folder) of ROOT/test/<method>[_<variant>] (FIRST=8 RUNS=N bash scripts/quickstart.sh METHOD FOLDER) and
+    ROOT/main/<method> (FIRST=8 RUNS=N bash scripts/reproduce.sh ROOT), each folder once, in the order of METHODS."""
+    out, seen = [], set()
+    for method in METHODS:
+        for d in sorted(glob.glob(os.path.join(root, "test", method + "*"))) + [os.path.join(root, "main", method)]:
+            if re.fullmatch(rf"{method}(_.*)?", os.path.basename(d)) and os.path.isdir(d) and os.path.realpath(d) not in seen:
+                seen.add(os.path.realpath(d))
+                out.append((method, d))
+    return out
 
 
 def test_runs(folder):
@@ -777,10 +783,12 @@ def readme(path, root):
               "patchsearch": lambda: patchsearch_table(os.path.join(root, "patchsearch")),
               "triggers": lambda: triggers_table(root),
               "knobs": lambda: knobs_table(root)}
-    sources = {"glance": "test", "test": "test", "main": "main", "details": "main", "defense": "defense", "badencoder": "badencoder", "patchsearch": "patchsearch", "triggers": "triggers",
+    sources = {"glance": ("test", "main"), "test": ("test", "main"), "main": "main", "details": "main",
+               "defense": "defense", "badencoder": "badencoder", "patchsearch": "patchsearch", "triggers": "triggers",
                "knobs": "knobs"}  # a block whose runs ROOT does not hold keeps its text (made from another ROOT)
     for name, make in makers.items():
-        if name in sources and not os.path.isdir(os.path.join(root, sources[name])):
+        if name in sources and not any(os.path.isdir(os.path.join(root, s)) for s in
+                                       (sources[name] if isinstance(sources[name], tuple) else (sources[name],))):
             continue
         text = re.sub(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", lambda m: m.group(1) + make() + "\n" + m.group(2),
                       text, flags=re.S)

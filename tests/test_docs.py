@@ -233,6 +233,9 @@ def test_test_table_reports_test_runs_only(tmp_path):
     assert "\nMoCo v2 (demo preset): shown in 1 of 2 test runs\n" in text
     assert "| 8 | test | 2 'rings' | - | 62 (60-64) | 12 (10-14) | 1 (run 9) | 60 | 5 of 5 | shown |" in text
     assert "| 0 |" not in text
+    os.makedirs(tmp_path / "demo" / "main")  # reproduce.sh's layout, here the same runs: each folder counted once
+    os.symlink(tmp_path / "demo" / "test" / "moco", tmp_path / "demo" / "main" / "moco")
+    assert doc_tables().test_table(str(tmp_path / "demo")).count("shown in 1 of 2 test runs") == 1
 
 
 def test_the_readmes_test_run_verdicts_come_from_a_generated_table():
