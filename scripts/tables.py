@@ -437,11 +437,13 @@ def test_table(root):
         every += runs
         name = preset_name(folder, method, runs[0])
         verdicts = [v for v in (run_verdict(r)[0] for r in runs) if v is not None]
-        median = lambda r, k: statistics.median(p[k]["fp_patched"] for p in seed_probes(r).values()) if seed_probes(r) else "-"
+        def median(r, k):  # model k (0 clean, 1 backdoored): its patched FP, median over the probe seeds
+            fps = [p[k]["fp_patched"] for p in seed_probes(r).values()]
+            return f"{statistics.median(fps):g}" if fps else "-"
         controls = [load(os.path.join(r, "control", "probe", "metrics.json")) for r in runs]
         _, c, b, _ = map(list, zip(*finished(runs)))
-        rows.append(f"| {name} | {sum(verdicts)} of {len(verdicts)} | {' '.join(f'{median(r, 1):g}' for r in runs)} | "
-                    f"{' '.join(f'{median(r, 0):g}' for r in runs)} | "
+        rows.append(f"| {name} | {sum(verdicts)} of {len(verdicts)} | {' '.join(median(r, 1) for r in runs)} | "
+                    f"{' '.join(median(r, 0) for r in runs)} | "
                     f"{' '.join(str(m['fp_patched']) if m else '-' for m in controls)} | "
                     f"{fmt([m['acc_clean'] for m in c])} / {fmt([m['acc_clean'] for m in b])} | "
                     f"{train_time([os.path.join(r, 'poisoned') for r in runs])} |")
