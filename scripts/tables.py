@@ -487,7 +487,7 @@ def glance_table(root):
         scale = f"yes, {sum(shown(c, b) for _, c, b, _ in at_scale)} of {len(at_scale)}" if at_scale else "no"
         mine = [(f, test_runs(f)) for x, f in folders if x == method]
         if not any(runs for _, runs in mine):
-            rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | (not run) | | | {scale} |")
+            rows.append(f"| {METHOD_NAMES[method]} | {p[7]} vs {p[3]} | (no test runs) | | | {scale} |")
             continue
         for folder, runs in mine:
             every += runs

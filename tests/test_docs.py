@@ -217,7 +217,7 @@ def test_glance_table_one_row_per_method(tmp_path):
     fake_test_runs(tmp_path / "demo", [(10, 60), (5, 8)])
     lines = doc_tables().glance_table(str(tmp_path / "demo")).splitlines()
     assert lines[2] == "| MoCo v2 (demo preset) | 461.1 vs 22.8 | 1 of 2 | 36 vs 9.5 | 7.5 min | no |"
-    assert lines[3] == "| BYOL | 1442.3 vs 15.4 | (not run) | | | no |"
+    assert lines[3] == "| BYOL | 1442.3 vs 15.4 | (no test runs) | | | no |"
     assert "MoCo v2 (demo preset): shown in 1 of 2 test runs" in lines  # the verdict line, for the README's prose
     assert lines[-1] == ("Demo: test runs (8 and up), 8 classes, FP out of 350 non-target val images; Machines (trainers' "
                          "log.jsonl): unknown: 2 runs.")  # the machines of the runs, not of the one that runs tables.py
